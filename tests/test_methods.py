@@ -5,8 +5,12 @@ at 32 px (its stage 4 is 1x1, the case the stage projectors must survive).
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from distillctl.compat import import_timm
 from distillctl.errors import BadInput
@@ -205,3 +209,57 @@ def test_tas_other_token_teachers(kind):
 def test_tas_tail_blocks_must_fit_the_teacher():
     with pytest.raises(BadInput, match="teacher_tail_blocks"):
         _build("tas", teacher_tail_blocks=50)
+
+
+def test_tas_whole_teacher_as_tail():
+    # a 2-block teacher (ci_smoke's) with the default 2 tail blocks: the assistant reuses every block
+    teacher = _teacher("vit_tiny_patch16_224", img_size=SIZE, patch_size=8, depth=2, embed_dim=32, num_heads=2)
+    method, student, _ = _build("tas", teacher=teacher, teacher_tail_blocks=2)
+    x, y = _batch()
+    _, losses = method(x, x, y)
+    losses["loss_ta"].backward()
+    assert _grad_mass(method.l2g) > 0 and _grad_mass(student.layer3) > 0
+
+
+# ----------------------------------------------------------------------------- one protocol: compare
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def test_compare_recipes_share_everything_but_the_method():
+    from distillctl.compare import method_recipes
+
+    raw = yaml.safe_load((RECIPES / "ci_smoke.yaml").read_text())
+    out = method_recipes(raw, ["ce", "kd", "dkd", "ofa"], ["method.gamma=1.5", "train.epochs=3"])
+    ce, kd, dkd, ofa = (out[n][0] for n in ("ce", "kd", "dkd", "ofa"))
+    for r in (ce, kd, dkd, ofa):
+        assert r.seed == kd.seed and r.data == kd.data and r.train == kd.train and r.student == kd.student
+        assert r.train.epochs == 3
+    assert ce.teacher is None and kd.teacher == dkd.teacher == ofa.teacher  # the baseline runs alone
+    assert ofa.method.params()["gamma"] == 1.5 and ofa.method.params()["temperature"] == 1.0
+    assert dkd.method.params()["temperature"] == 1.0  # a shared knob name carries over
+    assert "gamma" in out["kd"][1] and "temperature" not in out["kd"][1]  # dropped where it does not belong
+    with pytest.raises(BadInput, match="dkd"):
+        method_recipes(raw, ["dkd"], ["method.beta=-1"])
+
+
+def test_compare_end_to_end(tmp_path, monkeypatch):
+    from distillctl.compare import compare
+
+    monkeypatch.chdir(tmp_path)  # runs/latest lands here
+    overrides = ["train.max_steps_per_epoch=2", "teacher.train.max_steps_per_epoch=2", "data.synthetic_size=64",
+                 "export.formats=[safetensors]"]
+    with pytest.raises(BadInput, match="unknown method 'kdd'"):
+        compare(str(RECIPES / "ci_smoke.yaml"), ["ce", "kdd"], overrides, tmp_path / "bad", "cpu")
+    doc = compare(str(RECIPES / "ci_smoke.yaml"), ["ce", "kd", "fitnet"], overrides, tmp_path / "cmp", "cpu")
+    rows = {r["method"]: r for r in doc["rows"]}
+    assert list(rows) == ["ce", "kd", "fitnet"] and all(r["status"] == "ok" for r in rows.values())
+    for r in rows.values():
+        assert 0 <= r["top1"] <= r["top5"] <= 1 and r["train_s"] > 0 and r["step_ms"] > 0
+    assert rows["ce"]["extra_train_params"] == rows["kd"]["extra_train_params"] == 0
+    assert rows["fitnet"]["extra_train_params"] > 0  # the regressor
+    for key in ("json", "table", "chart"):
+        assert Path(doc["artifacts"][key]).is_file()
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"][1]["method"] == "kd"
+    assert "| fitnet |" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"

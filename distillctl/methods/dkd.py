@@ -28,7 +28,8 @@ def _binary_log_probs(z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return torch.stack([log_target, log_rest], dim=-1)
 
 
-def dkd_terms(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def dkd_terms(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor,
+              temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(TCKD, NCKD), both unweighted KL(teacher || student) averaged over the batch, no T^2."""
     t = temperature
     zs, zt = zs.float() / t, zt.float().detach() / t

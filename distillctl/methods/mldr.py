@@ -130,7 +130,8 @@ class MLDRConfig(MethodConfig):
 @register
 class MLDR(Distiller):
     name = "mldr"
-    paper = "Yang et al. 2025, Multi-Level Decoupled Relational Distillation for Heterogeneous Architectures (arXiv:2502.06189)"
+    paper = ("Yang et al. 2025, Multi-Level Decoupled Relational Distillation for Heterogeneous Architectures "
+             "(arXiv:2502.06189)")
     Config = MLDRConfig
 
     def __init__(self, student, teacher, cfg: MLDRConfig, pair):

@@ -144,20 +144,21 @@ class TAS(Distiller):
         self._layout = _tail_layout(teacher)
         if self._layout == "blocks":
             depth = len(teacher.blocks)
-            if not cfg.teacher_tail_blocks < depth:
-                raise BadInput(f"tas: teacher_tail_blocks={cfg.teacher_tail_blocks} must be below the teacher's "
-                               f"depth ({depth} blocks)")
-            tail_input = depth - cfg.teacher_tail_blocks - 1
+            if cfg.teacher_tail_blocks > depth:
+                raise BadInput(f"tas: teacher_tail_blocks={cfg.teacher_tail_blocks} exceeds the teacher's depth "
+                               f"({depth} blocks); set method.teacher_tail_blocks to at most {depth}")
             self._n_prefix = len(_prefix_params(teacher))
+            dim, gh, gw = pair.teacher.stage_shapes[-1]  # isotropic: every block sees the same token grid
         else:
-            tail_input = len(teacher.layers) - 2
             self._n_prefix = 0
-        # The shape the teacher's last stage expects, measured on the teacher itself.
-        with torch.no_grad():
-            p = next(teacher.parameters())
-            x0 = torch.zeros(1, 3, pair.teacher.image_size, pair.teacher.image_size, device=p.device, dtype=p.dtype)
-            f = teacher.forward_intermediates(x0, indices=[tail_input], intermediates_only=True, output_fmt="NCHW")[0]
-        dim, gh, gw = f.shape[1:]
+            # Swin: the last stage takes the previous stage's output; measure its shape on the teacher itself.
+            with torch.no_grad():
+                p = next(teacher.parameters())
+                size = pair.teacher.image_size
+                x0 = torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype)
+                f = teacher.forward_intermediates(x0, indices=[len(teacher.layers) - 2], intermediates_only=True,
+                                                  output_fmt="NCHW")[0]
+            dim, gh, gw = f.shape[1:]
         self._grid = (int(gh), int(gw))
         heads = getattr(getattr(teacher, "blocks", [None])[-1], "attn", None) if self._layout == "blocks" else None
         num_heads = getattr(heads, "num_heads", None) or _heads_for(dim)
