@@ -1,0 +1,225 @@
+"""The distillctl command line: thin Typer commands over library functions.
+
+Heavy imports (torch, timm, onnx) happen inside the commands so ``--help`` stays fast.
+Each command parses options, calls one library function and reports through
+``clikit.execute`` (exit codes and the ``--json`` document of contract.md).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .clikit import execute, show_progress
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Cross-architecture knowledge distillation: teacher -> student -> safetensors/ONNX/TensorRT.")
+
+RecipeArg = typer.Argument(..., help="recipe YAML file")
+SetOpt = typer.Option(None, "--set", help="dotted recipe override KEY=VALUE (repeatable)")
+OutOpt = typer.Option(None, "--out", help="run folder (default runs/<name>-<time>)")
+DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda")
+JsonOpt = typer.Option(False, "--json", help="print one JSON document on stdout")
+
+
+def _recipe(path: str, overrides: Optional[List[str]]):
+    from .recipe import load_recipe
+
+    return load_recipe(path, overrides or [])
+
+
+def _run_dir_for(recipe, out: Optional[str], resume: bool) -> Path:
+    from .errors import BadInput
+    from .runs import latest_run, new_run_dir
+
+    if resume and not out:
+        latest = latest_run()
+        if latest is None or not (latest / "recipe.yaml").is_file():
+            raise BadInput("--resume needs --out RUN_DIR or a previous run at runs/latest")
+        return latest
+    return new_run_dir(recipe.name, out) if not resume else Path(out)
+
+
+@app.command()
+def run(recipe: str = RecipeArg, out: Optional[str] = OutOpt, set_: Optional[List[str]] = SetOpt,
+        device: str = DeviceOpt, json_out: bool = JsonOpt):
+    """Train the teacher if needed, distil, evaluate, export (the recipe's formats) and benchmark."""
+
+    def body():
+        from .runner import full_run
+
+        r = _recipe(recipe, set_)
+        return full_run(r, _run_dir_for(r, out, False), device=device, progress=show_progress(json_out))
+
+    execute("run", json_out, body)
+
+
+@app.command()
+def train(recipe: str = RecipeArg, out: Optional[str] = OutOpt, set_: Optional[List[str]] = SetOpt,
+          resume: bool = typer.Option(False, "--resume", help="continue the run's last checkpoint"),
+          device: str = DeviceOpt, json_out: bool = JsonOpt):
+    """Train the recipe's student supervised (how a teacher or a student baseline is made)."""
+
+    def body():
+        from .pipeline import train_run
+
+        r = _recipe(recipe, set_)
+        return train_run(r, _run_dir_for(r, out, resume), device=device, resume=resume,
+                         progress=show_progress(json_out))
+
+    execute("train", json_out, body)
+
+
+@app.command()
+def distill(recipe: str = RecipeArg, out: Optional[str] = OutOpt, set_: Optional[List[str]] = SetOpt,
+            resume: bool = typer.Option(False, "--resume", help="continue the run's last checkpoint"),
+            device: str = DeviceOpt, json_out: bool = JsonOpt):
+    """Distil the recipe's teacher into its student with the recipe's method."""
+
+    def body():
+        from .pipeline import distill_run
+
+        r = _recipe(recipe, set_)
+        return distill_run(r, _run_dir_for(r, out, resume), device=device, resume=resume,
+                           progress=show_progress(json_out))
+
+    execute("distill", json_out, body)
+
+
+@app.command("eval")
+def eval_(target: Optional[str] = typer.Argument(None, help="run folder, .safetensors, .onnx or engine (default runs/latest)"),
+          recipe: Optional[str] = typer.Option(None, "--recipe", help="recipe giving the validation data"),
+          device: str = DeviceOpt, json_out: bool = JsonOpt):
+    """Top-1/top-5 of a run's student or an exported artifact on the recipe's validation split."""
+
+    def body():
+        from .evaluate import evaluate_target
+
+        return evaluate_target(target, recipe, device=device)
+
+    execute("eval", json_out, body)
+
+
+@app.command()
+def export(run: Optional[str] = typer.Argument(None, help="run folder (default runs/latest)"),
+           format_: List[str] = typer.Option(..., "--format", help="safetensors | onnx | trt (repeatable)"),
+           precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | fp16"),
+           dynamic_batch: Optional[str] = typer.Option(None, "--dynamic-batch", help="MIN:OPT:MAX"),
+           opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset"),
+           max_parity_diff: Optional[float] = typer.Option(None, "--max-parity-diff", help="gate: exit 3 above this"),
+           min_top1: Optional[float] = typer.Option(None, "--min-top1", help="gate: exit 3 below this top-1"),
+           max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="gate: exit 3 above this p50"),
+           device: str = DeviceOpt, json_out: bool = JsonOpt):
+    """Export the bare student (no training-only heads) and check it against PyTorch."""
+
+    def body():
+        from .export.api import export_run
+        from .runs import resolve_run
+
+        formats = [f for item in format_ for f in item.split(",") if f]
+        return export_run(resolve_run(run), formats, precision=precision, dynamic_batch=dynamic_batch, opset=opset,
+                          max_parity_diff=max_parity_diff, min_top1=min_top1, max_latency_ms=max_latency_ms,
+                          device=device)
+
+    execute("export", json_out, body)
+
+
+@app.command()
+def bench(targets: Optional[List[str]] = typer.Argument(None, help="run folders or artifacts (default runs/latest)"),
+          batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="comma-separated, e.g. 1,32"),
+          device: str = DeviceOpt, json_out: bool = JsonOpt):
+    """Latency (p50/p90/p99) and throughput of the student in each available runtime."""
+
+    def body():
+        from .errors import BadInput
+        from .export.bench import run_bench
+
+        sizes = None
+        if batch_sizes:
+            try:
+                sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
+            except ValueError:
+                raise BadInput(f"--batch-sizes expects integers such as 1,32, got {batch_sizes!r}") from None
+        return run_bench(list(targets or []), batch_sizes=sizes, device=device)
+
+    execute("bench", json_out, body)
+
+
+@app.command()
+def validate(recipe: str = RecipeArg, set_: Optional[List[str]] = SetOpt, json_out: bool = JsonOpt):
+    """Check a recipe (and overrides) without running anything; prints the resolved recipe."""
+
+    def body():
+        r = _recipe(recipe, set_)
+        return {"recipe_hash": r.hash(), "name": r.name, "method": r.method.name, "resolved": r.model_dump(mode="json")}
+
+    def human(doc):
+        import yaml
+
+        return f"recipe ok: {doc['name']} [{doc['recipe_hash']}]\n" + yaml.safe_dump(doc["resolved"], sort_keys=False)
+
+    execute("validate", json_out, body, human)
+
+
+@app.command()
+def methods(json_out: bool = JsonOpt):
+    """List the distillation methods with their papers and default parameters."""
+
+    def body():
+        from .methods import registry
+
+        out = []
+        for n in registry.names():
+            cls = registry.get(n)
+            params = {k: f.default if f.default is not None or not f.is_required() else None
+                      for k, f in cls.Config.model_fields.items()}
+            out.append({"name": n, "paper": cls.paper, "params": params})
+        return {"methods": out}
+
+    def human(doc):
+        return "\n".join(f"{m['name']:8s} {m['paper']}\n         " +
+                         ", ".join(f"{k}={v}" for k, v in m["params"].items()) for m in doc["methods"])
+
+    execute("methods", json_out, body, human)
+
+
+@app.command()
+def doctor(json_out: bool = JsonOpt):
+    """Versions, devices, and which ONNX Runtime providers and TensorRT actually load."""
+
+    def body():
+        from .doctor import doctor_report
+
+        return doctor_report()
+
+    def human(doc):
+        import json
+
+        return json.dumps(doc, indent=2, default=str)
+
+    execute("doctor", json_out, body, human)
+
+
+@app.command()
+def compare(recipe: str = RecipeArg,
+            methods_: str = typer.Option("ce,kd,hcd", "--methods", help="comma-separated method names"),
+            out: Optional[str] = OutOpt, set_: Optional[List[str]] = SetOpt, device: str = DeviceOpt,
+            json_out: bool = JsonOpt):
+    """Run one recipe once per method (same seed, data order, budget) and tabulate the results."""
+
+    def body():
+        from .compare import compare as compare_fn
+
+        names = [m.strip() for m in methods_.split(",") if m.strip()]
+        return compare_fn(recipe, names, list(set_ or []), Path(out) if out else None, device)
+
+    execute("compare", json_out, body)
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

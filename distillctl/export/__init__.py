@@ -1,0 +1,1 @@
+"""Export formats for the bare student: safetensors, ONNX, TensorRT; parity; benchmarks."""

@@ -1,0 +1,32 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run inside a temporary folder so runs/ and runs/latest land there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DISTILLCTL_RUNS", raising=False)
+    import distillctl.runs as runs
+
+    monkeypatch.setattr(runs, "RUNS_DIR", Path("runs"))
+    return tmp_path
+
+
+def cli(*args, timeout=300, env=None, cwd=None):
+    """Run the real console entry point in a subprocess; returns CompletedProcess."""
+    import subprocess
+
+    e = dict(os.environ)
+    e.update(env or {})
+    e.setdefault("CI", "true")
+    return subprocess.run([sys.executable, "-m", "distillctl.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=e, cwd=cwd)

@@ -1,0 +1,105 @@
+"""Trainer behaviour: schedules, divergence keeps the last good checkpoint, exact resume."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from distillctl.errors import Diverged
+from distillctl.methods.base import Distiller, MethodConfig, PairInfo
+from distillctl.models import InputView
+from distillctl.recipe import DataConfig, TrainConfig
+from distillctl.train import fit, load_checkpoint, lr_factor
+
+
+def test_lr_warmup_then_cosine_to_floor():
+    cfg = TrainConfig(epochs=10, lr=0.1, warmup_epochs=2, min_lr=0.001, schedule="cosine")
+    f = lr_factor(cfg, steps_per_epoch=10)
+    assert f(0) == pytest.approx(0.05) and f(19) == pytest.approx(1.0)
+    assert f(20) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 40 / 80)))
+    assert f(100) == pytest.approx(0.01)
+    step = lr_factor(TrainConfig(epochs=90, lr=0.1, schedule="step", step_size=30), 5)
+    assert step(149) == 1.0 and step(150) == pytest.approx(0.1) and step(300) == pytest.approx(0.01)
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+class _NanAt(Distiller):
+    """CE that turns into NaN once ``progress`` reaches ``at`` epochs (a divergence on cue)."""
+
+    name = "nan_test"
+    needs_teacher = False
+    at = 1.0
+
+    def forward(self, xs, xt, y):
+        z = self.student(xs)
+        loss = torch.nn.functional.cross_entropy(z, y)
+        if self.progress >= self.at:
+            loss = loss * float("nan")
+        return z, {"loss_ce": loss}
+
+
+def _setup(tmp_path, epochs=3):
+    from distillctl.data import build_data
+
+    data = build_data(DataConfig(dataset="synthetic", num_classes=3, synthetic_size=60, image_size=8, batch_size=8),
+                      seed=0, device=torch.device("cpu"))
+    torch.manual_seed(0)
+    method = _NanAt(_Tiny(), None, MethodConfig(), PairInfo(3, None, None))
+    cfg = TrainConfig(epochs=epochs, lr=0.05, log_every=2)
+    view = InputView(8, (0.5,) * 3, (0.5,) * 3)
+    return data, method, cfg, view
+
+
+def test_divergence_exits_6_and_keeps_last_good_checkpoint(tmp_path):
+    data, method, cfg, view = _setup(tmp_path)
+    method.at = 1.5  # diverges half way through the second epoch
+    with pytest.raises(Diverged) as e:
+        fit(method, data, cfg, run_dir=tmp_path, device=torch.device("cpu"), student_view=view, teacher_view=None)
+    assert e.value.exit_code == 6
+    st = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert st["epoch"] == 1 and st["step"] == 0  # written after epoch 1, never overwritten
+    assert all(torch.isfinite(v).all() for v in st["student"].values())
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    a, c = tmp_path / "a", tmp_path / "c"
+    a.mkdir(), c.mkdir()
+    data, method, cfg, view = _setup(a)
+    method.at = 99
+    fit(method, data, cfg, run_dir=a, device=torch.device("cpu"), student_view=view, teacher_view=None)
+    full = method.student.state_dict()
+
+    class Stop(Exception):
+        pass
+
+    data, method, cfg, view = _setup(c)
+    method.at = 99
+    orig, calls = method.forward, {"n": 0}
+
+    def forward(xs, xt, y):  # die in epoch 2, after epoch 1's checkpoint, like a kill
+        calls["n"] += 1
+        if calls["n"] > len(data.train) + 2:
+            raise Stop
+        return orig(xs, xt, y)
+
+    method.forward = forward
+    with pytest.raises(Stop):
+        fit(method, data, cfg, run_dir=c, device=torch.device("cpu"), student_view=view, teacher_view=None)
+    assert load_checkpoint(c / "checkpoint.pt")["epoch"] == 1
+    data, method, cfg, view = _setup(c)
+    method.at = 99
+    fit(method, data, cfg, run_dir=c, device=torch.device("cpu"), student_view=view, teacher_view=None, resume=True)
+    resumed = method.student.state_dict()
+    for k in full:
+        assert torch.allclose(full[k].float(), resumed[k].float(), atol=1e-6), k
+    assert load_checkpoint(c / "checkpoint.pt")["epoch"] == 3
