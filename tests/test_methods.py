@@ -243,10 +243,10 @@ def test_compare_recipes_share_everything_but_the_method():
         method_recipes(raw, ["dkd"], ["method.beta=-1"])
 
 
-def test_compare_end_to_end(tmp_path, monkeypatch):
+def test_compare_end_to_end(in_tmp):
     from distillctl.compare import compare
 
-    monkeypatch.chdir(tmp_path)  # runs/latest lands here
+    tmp_path = in_tmp  # runs/latest lands here
     overrides = ["train.max_steps_per_epoch=2", "teacher.train.max_steps_per_epoch=2", "data.synthetic_size=64",
                  "export.formats=[safetensors]"]
     with pytest.raises(BadInput, match="unknown method 'kdd'"):

@@ -107,7 +107,7 @@ class MSDF(nn.Module):
 
 
 class MLDRConfig(MethodConfig):
-    stages: list[int] = Field(default_factory=lambda: [1, 2, 3, 4], min_length=1,
+    stages: list[int] = Field([1, 2, 3, 4], min_length=1,
                               description="student stages (1..4) projected to stage logits")
     temperature: float = Field(1.0, gt=0)
     alpha: float = Field(2.0, ge=0, description="weight of the probability KL inside DFRA")

@@ -44,7 +44,7 @@ def ofa_loss(z: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, gamma: float = 
 
 
 class OFAConfig(MethodConfig):
-    stages: list[int] = Field(default_factory=lambda: [1, 2, 3, 4], min_length=1,
+    stages: list[int] = Field([1, 2, 3, 4], min_length=1,
                               description="student stages (1..4) that get an auxiliary branch")
     temperature: float = Field(1.0, gt=0)
     gamma: float = Field(1.0, gt=0, description="target enhancement exponent (1.5 is the ImageNet setting)")
