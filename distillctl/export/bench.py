@@ -1,0 +1,344 @@
+"""Latency and throughput of a student in each runtime, with one harness.
+
+Backends: ``torch`` (eager), ``torch_compile`` (torch.compile; skipped with the reason when it
+cannot compile here), ``onnxruntime`` (the provider that actually loaded, CPU threads fixed,
+plus ``onnxruntime_fp16`` when the run has model.fp16.onnx) and ``trt`` (engine, CUDA).
+
+Method: inputs are placed where each runtime wants them before timing (device memory for CUDA,
+a bound CPU buffer for ONNX Runtime); each backend is warmed up (``warmup`` calls and at least
+0.2 s); then the backends are timed *interleaved* (one call of each per round, ``iters``
+rounds), so load from other processes on a shared machine hits all backends alike. Every call
+waits for its result (CUDA synchronised). Figures: p50/p90/p99/mean in ms per batch, and
+throughput = batch x calls / total time.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..errors import BadInput, MissingCapability
+from ..recipe import BenchConfig, load_recipe
+from ..runs import RECIPE_FILE, STUDENT_DIR, atomic_write_json, resolve_run, versions
+from .context import EXPORT_DIR
+from .onnx import ONNX_FILE, ONNX_FP16_FILE, read_metadata
+from .runtime import OrtRunner, Runner, TorchRunner
+
+BENCH_JSON = "bench.json"
+BENCH_PNG = "bench.png"
+BACKENDS = ("torch", "torch_compile", "onnxruntime", "trt")
+MIN_WARMUP_S = 0.2
+
+
+# ----------------------------------------------------------------------------- the harness
+
+
+def measure(fn: Callable[[], None], *, warmup: int, iters: int, min_warmup_s: float = MIN_WARMUP_S) -> list[float]:
+    """Per-call latencies in ms of ``fn`` after warm-up."""
+    return measure_interleaved({"fn": fn}, warmup=warmup, iters=iters, min_warmup_s=min_warmup_s)["fn"]
+
+
+def measure_interleaved(fns: dict[str, Callable[[], None]], *, warmup: int, iters: int,
+                        min_warmup_s: float = MIN_WARMUP_S) -> dict[str, list[float]]:
+    for fn in fns.values():
+        t_end = time.perf_counter() + min_warmup_s
+        done = 0
+        while done < warmup or time.perf_counter() < t_end:
+            fn()
+            done += 1
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            t0 = time.perf_counter_ns()
+            fn()
+            times[name].append((time.perf_counter_ns() - t0) / 1e6)
+    return times
+
+
+def summarize(times_ms: list[float], batch: int) -> dict:
+    a = np.asarray(times_ms, dtype=np.float64)
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"p50": round(float(p50), 4), "p90": round(float(p90), 4), "p99": round(float(p99), 4),
+            "mean": round(float(a.mean()), 4), "std": round(float(a.std()), 4), "min": round(float(a.min()), 4),
+            "iters": int(a.size), "throughput_img_s": round(float(batch * a.size / (a.sum() / 1e3)), 2)}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info(torch_device: torch.device, threads: int) -> dict:
+    out = {"type": torch_device.type, "cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": threads}
+    if torch_device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(torch_device)
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+@dataclass
+class Target:
+    label: str
+    run_dir: Optional[Path]  # where bench.json goes (None: next to the file)
+    input_size: int
+    sources: dict[str, Path] = field(default_factory=dict)  # backend/format -> file
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+def _find_run(path: Path) -> Optional[Path]:
+    for d in (path.parent, path.parent.parent):
+        if (d / RECIPE_FILE).is_file():
+            return d
+    return None
+
+
+def _student_size(folder: Path) -> int:
+    from .student import read_config
+
+    return int(read_config(folder)["pretrained_cfg"]["input_size"][-1])
+
+
+def resolve_target(target: Optional[str]) -> Target:
+    """A run folder (default runs/latest), a student .safetensors, a .onnx or an engine file."""
+    from . import trt as trt_format
+
+    p = Path(target) if target else None
+    if p is None or p.is_dir():
+        run = resolve_run(target)
+        recipe = load_recipe(run / RECIPE_FILE)
+        t = Target(run.name, run, _student_size(run / STUDENT_DIR), bench=recipe.bench)
+        t.sources["torch"] = t.sources["torch_compile"] = run / STUDENT_DIR
+        for fmt, f in (("onnxruntime", ONNX_FILE), ("onnxruntime_fp16", ONNX_FP16_FILE),
+                       ("trt", trt_format.ENGINE_FILE)):
+            if (run / EXPORT_DIR / f).is_file():
+                t.sources[fmt] = run / EXPORT_DIR / f
+        return t
+    if not p.is_file():
+        raise BadInput(f"bench target not found: {p}")
+    run = _find_run(p)
+    bench = load_recipe(run / RECIPE_FILE).bench if run else BenchConfig()
+    if p.suffix == ".safetensors":
+        t = Target(p.stem if run is None else run.name, run, _student_size(p), bench=bench)
+        t.sources["torch"] = t.sources["torch_compile"] = p
+    elif p.suffix == ".onnx":
+        meta = read_metadata(p)
+        if "input_size" not in meta:
+            raise BadInput(f"{p} has no input_size in metadata_props (not exported by distillctl)")
+        fmt = "onnxruntime_fp16" if meta.get("precision") == "fp16" else "onnxruntime"
+        t = Target(p.stem if run is None else run.name, run, int(meta["input_size"][-1]), {fmt: p}, bench)
+    elif p.suffix in trt_format.ENGINE_SUFFIXES:
+        side = trt_format.read_sidecar(p)
+        t = Target(p.stem if run is None else run.name, run, int(side["input_size"][-1]), {"trt": p}, bench)
+    else:
+        raise BadInput(f"cannot bench {p}: expected a run folder, .safetensors, .onnx or "
+                       f"{'/'.join(trt_format.ENGINE_SUFFIXES)} file")
+    return t
+
+
+def _open(fmt: str, src: Path, device: str, torch_device: torch.device, threads: int) -> Runner:
+    if fmt in ("torch", "torch_compile"):
+        from .student import load_student
+
+        model, _ = load_student(src, torch_device)
+        runner = TorchRunner(model, torch_device, name=fmt)
+        if fmt == "torch_compile":
+            runner.model = torch.compile(model)
+            runner.provider = f"torch.compile(inductor)-{torch_device.type}"
+        return runner
+    if fmt.startswith("onnxruntime"):
+        return OrtRunner(src, device, threads=threads, name=fmt)
+    from .trt import TrtRunner
+
+    return TrtRunner(src, device)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def run_bench(targets: list[str], *, batch_sizes: Optional[list[int]] = None, backends: Optional[list[str]] = None,
+              device: str = "auto", warmup: Optional[int] = None, iters: Optional[int] = None,
+              threads: Optional[int] = None) -> dict:
+    """Latency/throughput per format and batch size; writes bench.json and bench.png into each run folder."""
+    from . import trt as trt_format
+    from .runtime import resolve_device
+
+    resolved = [resolve_target(t) for t in (targets or [None])]
+    explicit = backends is not None
+    if explicit:
+        backends = [b.strip() for x in backends for b in str(x).split(",") if b.strip()]
+        for b in backends:
+            if b not in BACKENDS:
+                raise BadInput(f"unknown bench backend '{b}'; choose from {', '.join(BACKENDS)}")
+    if batch_sizes is not None and (not batch_sizes or any(int(b) < 1 for b in batch_sizes)):
+        raise BadInput(f"--batch-sizes must be positive integers, got {batch_sizes}")
+    torch_device = resolve_device(device)
+    first = resolved[0].bench
+    warmup = first.warmup if warmup is None else warmup
+    iters = first.iters if iters is None else iters
+    threads = threads or first.threads or torch.get_num_threads()
+    if iters < 1 or warmup < 0:
+        raise BadInput("--iters must be >= 1 and --warmup >= 0")
+    sizes = [int(b) for b in (batch_sizes or first.batch_sizes)]
+
+    latency, throughput, providers, skipped, speedup, compile_s = {}, {}, {}, {}, {}, {}
+    prefix = len(resolved) > 1
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for t in resolved:
+            wanted = list(backends if explicit else t.bench.backends)
+            if "onnxruntime" in wanted and "onnxruntime_fp16" in t.sources:
+                wanted.insert(wanted.index("onnxruntime") + 1, "onnxruntime_fp16")
+            if not explicit and t.sources.keys() <= {"onnxruntime", "onnxruntime_fp16", "trt"}:
+                wanted = list(t.sources)  # a lone artifact file: bench what it is
+            runners: dict[str, Runner] = {}
+            for fmt in wanted:
+                key = f"{t.label}/{fmt}" if prefix else fmt
+                if fmt == "trt":  # asked for explicitly (or an engine target): a missing TensorRT is exit 4
+                    try:
+                        trt_format.require(device)
+                    except MissingCapability as err:
+                        if explicit or t.sources.keys() == {"trt"}:
+                            raise
+                        skipped[key] = err.message
+                        continue
+                if fmt not in t.sources:
+                    skipped[key] = (f"no artifact for {fmt} in {t.label}: run `distillctl export "
+                                    f"--format {'trt' if fmt == 'trt' else 'onnx'}` first"
+                                    if t.run_dir and fmt in ("onnxruntime", "trt") else f"not applicable to {t.label}")
+                    continue
+                runners[key] = _open(fmt, t.sources[fmt], device, torch_device, threads)
+            for b in sizes:
+                x = np.random.default_rng(0).standard_normal((b, 3, t.input_size, t.input_size)).astype(np.float32)
+                fns = {}
+                for key, r in runners.items():
+                    try:
+                        t0 = time.perf_counter()
+                        fn = r.timed_call(x)
+                        fn()  # torch.compile compiles here
+                        if r.name == "torch_compile":
+                            compile_s.setdefault(key, {})[str(b)] = round(time.perf_counter() - t0, 2)
+                        fns[key] = fn
+                    except Exception as err:
+                        if r.name != "torch_compile" and not isinstance(err, BadInput):
+                            raise
+                        skipped[f"{key}[{b}]" if r.name != "torch_compile" else key] = \
+                            f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+                times = measure_interleaved(fns, warmup=warmup, iters=iters)
+                for key, ts in times.items():
+                    s = summarize(ts, b)
+                    latency.setdefault(key, {})[str(b)] = {k: s[k] for k in ("p50", "p90", "p99", "mean")}
+                    throughput.setdefault(key, {})[str(b)] = s["throughput_img_s"]
+                    providers[key] = runners[key].provider
+            del runners  # free sessions/engines before the next target
+    finally:
+        torch.set_num_threads(saved_threads)
+    for key, per in latency.items():
+        base_key = key.rsplit("/", 1)[0] + "/torch" if prefix else "torch"
+        if base_key in latency and key != base_key:
+            speedup[key] = {b: round(latency[base_key][b]["p50"] / v["p50"], 3)
+                            for b, v in per.items() if b in latency[base_key]}
+    result = {
+        "targets": [str(t.run_dir or t.sources) for t in resolved],
+        "latency_ms": latency, "throughput_img_s": throughput,
+        "speedup_vs_torch_p50": speedup,
+        "device": device_info(torch_device, threads), "versions": versions(), "providers": providers,
+        "skipped": skipped, "compile_s": compile_s, "settings": {"batch_sizes": sizes, "warmup": warmup, "iters": iters, "threads": threads,
+                                         "interleaved": True, "min_warmup_s": MIN_WARMUP_S},
+    }
+    files = {}
+    for t in resolved:
+        folder = t.run_dir or next(iter(t.sources.values())).parent
+        mine = {k: v for k, v in latency.items() if not prefix or k.startswith(t.label + "/")}
+        doc = dict(result, latency_ms=mine, throughput_img_s={k: throughput[k] for k in mine})
+        atomic_write_json(folder / BENCH_JSON, doc)
+        chart = write_chart(doc, folder / BENCH_PNG)
+        files[t.label] = {"bench_json": str(folder / BENCH_JSON), "chart": str(chart) if chart else None}
+    result["files"] = files
+    print_table(result)
+    return result
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def print_table(result: dict) -> None:
+    """A rich table on stderr (stdout is reserved for --json)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    dev = result["device"]
+    where = dev.get("gpu") or f"{dev['cpu']} ({dev['threads']} threads)"
+    table = Table(title=f"latency on {where}", title_justify="left")
+    for col in ("format", "runtime", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "img/s", "x torch"):
+        table.add_column(col, justify="left" if col in ("format", "runtime") else "right", no_wrap=True)
+    for key, per in result["latency_ms"].items():
+        for b, s in per.items():
+            sp = result["speedup_vs_torch_p50"].get(key, {}).get(b)
+            runtime = str(result["providers"].get(key, "")).replace("ExecutionProvider", " EP")
+            table.add_row(key, runtime, b, f"{s['p50']:.3f}", f"{s['p90']:.3f}",
+                          f"{s['p99']:.3f}", f"{s['mean']:.3f}", f"{result['throughput_img_s'][key][b]:.0f}",
+                          f"{sp:.2f}" if sp else "")
+    console = Console(stderr=True, width=max(120, Console(stderr=True).width))
+    if result["latency_ms"]:
+        console.print(table)
+    for key, why in result["skipped"].items():
+        console.print(f"skipped {key}: {why}", markup=False, highlight=False)
+
+
+def write_chart(doc: dict, path: Path) -> Optional[Path]:
+    """p50 latency (with p90 whiskers) and throughput per format and batch size, as a PNG."""
+    if not doc["latency_ms"]:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ..runs import temp_path_for
+
+    fmts = list(doc["latency_ms"])
+    sizes = sorted({int(b) for per in doc["latency_ms"].values() for b in per})
+    fig = Figure(figsize=(4 + 1.6 * len(sizes), 4.2))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    width = 0.8 / len(fmts)
+    xs = np.arange(len(sizes))
+    for i, f in enumerate(fmts):
+        per = doc["latency_ms"][f]
+        p50 = [per.get(str(b), {}).get("p50", np.nan) for b in sizes]
+        p90 = [per.get(str(b), {}).get("p90", np.nan) for b in sizes]
+        err = np.clip(np.array(p90) - np.array(p50), 0, None)
+        ax1.bar(xs + i * width, p50, width, yerr=[np.zeros_like(err), err], capsize=3, label=f)
+        ax2.bar(xs + i * width, [doc["throughput_img_s"][f].get(str(b), np.nan) for b in sizes], width, label=f)
+    for ax, title in ((ax1, "latency p50 ms (whisker: p90)"), (ax2, "throughput img/s")):
+        ax.set_xticks(xs + 0.4 - width / 2, [f"batch {b}" for b in sizes])
+        ax.set_title(title, fontsize=10)
+        ax.set_yscale("log")
+    ax1.legend(fontsize=8)
+    dev = doc["device"]
+    fig.suptitle(dev.get("gpu") or f"{dev['cpu']}, {dev['threads']} threads", fontsize=9)
+    fig.tight_layout()
+    tmp = temp_path_for(path).with_suffix(".png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    return path
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m distillctl.export.bench RUN...
+    import json
+
+    print(json.dumps(run_bench(sys.argv[1:] or []), indent=2))

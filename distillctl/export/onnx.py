@@ -1,0 +1,225 @@
+"""ONNX builder: one self-contained file with a dynamic batch and the student's metadata.
+
+torch.onnx's dynamo exporter is tried first; when it fails the TorchScript exporter is tried
+and the failure is recorded (``exporter`` and ``fallback_reason`` in the report). Both write a
+single file (``external_data=False``: resnet18 would otherwise come out as model.onnx +
+model.onnx.data), print nothing on stdout (``--json`` owns it), and the result is checked with
+``onnx.checker`` before it is renamed into place.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import BadInput, ExportFailed
+from ..runs import temp_path_for
+from .runtime import INPUT_NAME, OUTPUT_NAME
+
+ONNX_FILE = "model.onnx"
+ONNX_FP16_FILE = "model.fp16.onnx"
+TORCHSCRIPT_MAX_OPSET = 20  # the legacy exporter's ceiling (torch 2.x)
+# metadata_props values are strings; these keys hold JSON (lists, numbers)
+JSON_KEYS = {"input_size", "mean", "std", "num_classes", "top1", "top5"}
+
+
+def _export_params() -> set[str]:
+    return set(inspect.signature(torch.onnx.export).parameters)
+
+
+def _dynamo_export(model: torch.nn.Module, x: torch.Tensor, path: Path, opset: Optional[int]) -> None:
+    kw = dict(dynamo=True, external_data=False, verbose=False, input_names=[INPUT_NAME],
+              output_names=[OUTPUT_NAME], dynamic_shapes=({0: "batch"},))
+    if opset:
+        kw["opset_version"] = opset
+    torch.onnx.export(model, (x,), str(path), **kw)
+
+
+def _torchscript_export(model: torch.nn.Module, x: torch.Tensor, path: Path, opset: Optional[int]) -> None:
+    kw = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
+              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+              opset_version=min(opset or 17, TORCHSCRIPT_MAX_OPSET))
+    if "dynamo" in _export_params():
+        kw["dynamo"] = False
+    torch.onnx.export(model, (x,), str(path), **kw)
+
+
+EXPORTERS = {"dynamo": _dynamo_export, "torchscript": _torchscript_export}
+
+
+def _remove(path: Path) -> None:
+    for p in (path, path.with_name(path.name + ".data")):
+        p.unlink(missing_ok=True)
+
+
+def _set_metadata(proto, metadata: dict) -> None:
+    from .. import __version__
+
+    del proto.metadata_props[:]
+    for k, v in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key = k
+        entry.value = v if isinstance(v, str) else json.dumps(v)
+    proto.producer_name = "distillctl"
+    proto.producer_version = __version__
+
+
+def _save_checked(proto, dest: Path) -> None:
+    """Write ``proto`` as one file, check it by path, then rename into place."""
+    import onnx
+
+    tmp = temp_path_for(dest)
+    try:
+        onnx.save_model(proto, str(tmp), save_as_external_data=False)
+        onnx.checker.check_model(str(tmp), full_check=True)
+    except Exception as err:
+        _remove(tmp)
+        raise ExportFailed(f"the exported ONNX graph for {dest.name} does not pass onnx.checker: {err}") from None
+    os.replace(tmp, dest)
+    dest.with_name(dest.name + ".data").unlink(missing_ok=True)  # a stale sidecar from an older export
+
+
+def export_onnx(model: torch.nn.Module, dest: Path, *, image_size: int, metadata: dict,
+                opset: Optional[int] = None, example_batch: int = 2,
+                exporters: tuple[str, ...] = ("dynamo", "torchscript")) -> dict:
+    """Export ``model`` (eval, CPU) to ``dest``; returns what was done (exporter, opset, fallbacks)."""
+    import onnx
+
+    if "dynamo" not in _export_params():  # torch < 2.5 has only the TorchScript exporter
+        exporters = tuple(e for e in exporters if e != "dynamo")
+    dest = Path(dest)
+    model = model.to("cpu").eval()
+    # batch >= 2 so the exporter never specialises the batch dimension to 0/1
+    x = torch.randn(max(2, example_batch), 3, image_size, image_size)
+    with torch.no_grad():
+        model(x)
+    tmp = temp_path_for(dest).with_suffix(".export.onnx")
+    failures = []
+    used = None
+    t0 = time.perf_counter()
+    for kind in exporters:
+        try:
+            with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # deprecation chatter from the exporters
+                EXPORTERS[kind](model, x, tmp, opset)
+            used = kind
+            break
+        except Exception as err:
+            _remove(tmp)
+            failures.append({"exporter": kind, "error": f"{type(err).__name__}: {str(err).strip()[:800]}"})
+            print(f"note: the {kind} ONNX exporter failed ({type(err).__name__}); "
+                  + ("trying the next one" if kind != exporters[-1] else "no exporter left"), file=sys.stderr)
+    if used is None:
+        detail = "; ".join(f"{f['exporter']}: {f['error'][:300]}" for f in failures)
+        raise ExportFailed(f"ONNX export of {type(model).__name__} failed with every exporter ({detail})",
+                           details=failures)
+    try:
+        proto = onnx.load(str(tmp))  # loads model.onnx.data too if an exporter still wrote one
+    finally:
+        _remove(tmp)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    if not dims or not dims[0].dim_param:
+        raise ExportFailed(f"the {used} exporter produced a fixed batch dimension; a dynamic one is required")
+    _set_metadata(proto, {**metadata, "exporter": used})
+    _save_checked(proto, dest)
+    return {"path": str(dest), "exporter": used, "fallback_reason": failures[0]["error"] if failures else None,
+            "opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+            "ir_version": proto.ir_version, "export_s": round(time.perf_counter() - t0, 3),
+            "bytes": dest.stat().st_size}
+
+
+_MISSING_KERNEL = re.compile(r"implementation for (\w+)\(")
+
+
+def export_fp16(src: Path, dest: Path, *, max_retries: int = 8) -> dict:
+    """``model.fp16.onnx``: float16 weights and compute, float32 inputs and outputs.
+
+    The result must open in ONNX Runtime's CPU provider; an op without a float16 kernel there is
+    kept in float32 (casts around it) and the conversion is redone.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    from .fp16 import ConversionError, convert_float_to_float16
+
+    proto = onnx.load(str(src))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    keep: set[str] = set()
+    tmp = temp_path_for(dest).with_suffix(".fp16.onnx")
+    for _ in range(max_retries):
+        try:
+            half = convert_float_to_float16(proto, frozenset(keep))
+        except (ConversionError, onnx.checker.ValidationError) as err:
+            raise ExportFailed(f"FP16 conversion of {src} failed: {err}") from None
+        _set_metadata(half, {**meta, "precision": "fp16", "kept_fp32_ops": ",".join(sorted(keep))})
+        onnx.save_model(half, str(tmp), save_as_external_data=False)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        try:
+            ort.InferenceSession(str(tmp), sess_options=so, providers=["CPUExecutionProvider"])
+            break
+        except Exception as err:
+            m = _MISSING_KERNEL.search(str(err))
+            if not m or m.group(1) in keep:
+                tmp.unlink(missing_ok=True)
+                raise ExportFailed(f"the FP16 model does not load in ONNX Runtime: {err}") from None
+            keep.add(m.group(1))
+    else:
+        tmp.unlink(missing_ok=True)
+        raise ExportFailed(f"FP16 conversion kept failing in ONNX Runtime (fp32 ops so far: {sorted(keep)})")
+    tmp.unlink(missing_ok=True)
+    _save_checked(half, Path(dest))
+    return {"path": str(dest), "kept_fp32_ops": sorted(keep), "bytes": Path(dest).stat().st_size}
+
+
+def read_metadata(path: Path) -> dict:
+    """``metadata_props`` of an ONNX file, JSON values decoded."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"ONNX file not found: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as err:
+        raise BadInput(f"cannot read {path} as ONNX: {err}") from None
+    out = {}
+    for p in proto.metadata_props:
+        out[p.key] = p.value
+        if p.key in JSON_KEYS:  # only these: a hex recipe hash made of digits must stay a string
+            try:
+                out[p.key] = json.loads(p.value)
+            except ValueError:
+                pass
+    return out
+
+
+def build(ctx) -> list:
+    """Format builder: ``model.onnx`` (FP32) and, for fp16 or ``export.onnx_fp16``, ``model.fp16.onnx``."""
+    from .context import Artifact
+    from .runtime import OrtRunner
+
+    meta = {**ctx.metadata(), "precision": "fp32"}
+    dest = ctx.out_dir / ONNX_FILE
+    info = export_onnx(ctx.student, dest, image_size=ctx.input_size, metadata=meta, opset=ctx.opset,
+                       example_batch=ctx.batch[1])
+    ctx.log(f"  onnx: {dest} ({info['exporter']} exporter, opset {info['opset']}, {info['bytes'] / 1e6:.1f} MB)")
+    out = [Artifact("onnx", dest, "fp32", OrtRunner(dest, ctx.device, name="onnx"), info)]
+    if ctx.precision == "fp16" or ctx.recipe.export.onnx_fp16:
+        dest16 = ctx.out_dir / ONNX_FP16_FILE
+        info16 = export_fp16(dest, dest16)
+        ctx.log(f"  onnx_fp16: {dest16} ({info16['bytes'] / 1e6:.1f} MB"
+                + (f", fp32 ops: {', '.join(info16['kept_fp32_ops'])}" if info16["kept_fp32_ops"] else "") + ")")
+        out.append(Artifact("onnx_fp16", dest16, "fp16", OrtRunner(dest16, ctx.device, name="onnx_fp16"), info16))
+    for a in out:
+        a.info["provider"] = a.runner.provider
+    return out

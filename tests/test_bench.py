@@ -1,0 +1,112 @@
+"""The latency harness on a real run folder: PyTorch eager vs ONNX Runtime, files, chart, model card."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distillctl.errors import BadInput, MissingCapability
+from distillctl.export import trt as trt_format
+from distillctl.export.bench import BENCH_JSON, BENCH_PNG, run_bench, summarize
+from distillctl.export.card import CURVES_PNG, write_model_card
+
+try:
+    from exportkit import make_run, read_json, tiny_recipe, write_onnx
+except ImportError:  # tests collected as a package
+    from tests.exportkit import make_run, read_json, tiny_recipe, write_onnx
+
+NO_TRT = not trt_format.probe().get("usable", False)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    torch.set_num_threads(1)
+    run = make_run(tmp_path_factory.mktemp("bench") / "run", tiny_recipe(), train_steps=4)
+    write_onnx(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def bench(run):
+    return run_bench([str(run)], batch_sizes=[1, 4], warmup=2, iters=12, threads=1, device="cpu")
+
+
+def test_latency_document_shape(bench):
+    assert set(bench["latency_ms"]) == {"torch", "onnxruntime"}  # the recipe's bench.backends
+    for fmt, per in bench["latency_ms"].items():
+        assert set(per) == {"1", "4"}  # JSON keys are strings
+        for b, s in per.items():
+            assert 0 < s["p50"] <= s["p90"] <= s["p99"]
+            assert s["mean"] > 0
+            # throughput is batch x calls / total time, i.e. batch / mean latency
+            assert bench["throughput_img_s"][fmt][b] == pytest.approx(int(b) * 1e3 / s["mean"], rel=1e-3)
+    assert bench["providers"]["onnxruntime"] == "CPUExecutionProvider"
+    assert bench["providers"]["torch"] == "torch-cpu"
+    assert bench["device"]["type"] == "cpu" and bench["device"]["threads"] == 1
+    assert {"torch", "onnxruntime", "timm"} <= set(bench["versions"])
+    sp = bench["speedup_vs_torch_p50"]["onnxruntime"]
+    assert sp["1"] == pytest.approx(bench["latency_ms"]["torch"]["1"]["p50"] / bench["latency_ms"]["onnxruntime"]["1"]["p50"],
+                                    rel=1e-2)
+    assert bench["settings"]["iters"] == 12 and bench["settings"]["interleaved"] is True
+
+
+def test_files_written_into_the_run(bench, run):
+    doc = read_json(run / BENCH_JSON)
+    assert doc["latency_ms"] == bench["latency_ms"]
+    png = (run / BENCH_PNG).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert bench["files"][run.name]["chart"] == str(run / BENCH_PNG)
+
+
+def test_onnx_file_target(run):
+    res = run_bench([str(run / "export" / "model.onnx")], batch_sizes=[2], warmup=1, iters=5, threads=1, device="cpu")
+    assert list(res["latency_ms"]) == ["onnxruntime"] and list(res["latency_ms"]["onnxruntime"]) == ["2"]
+
+
+def test_missing_artifact_is_skipped_with_reason(run, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(run, bare, ignore=shutil.ignore_patterns("export"))
+    res = run_bench([str(bare)], batch_sizes=[1], warmup=1, iters=3, threads=1, device="cpu")
+    assert list(res["latency_ms"]) == ["torch"]
+    assert "distillctl export" in res["skipped"]["onnxruntime"]
+
+
+@pytest.mark.skipif(not NO_TRT, reason="TensorRT and CUDA are present")
+def test_trt_asked_for_without_tensorrt_is_exit_4(run):
+    with pytest.raises(MissingCapability) as info:
+        run_bench([str(run)], backends=["trt"], batch_sizes=[1], iters=2)
+    assert info.value.exit_code == 4 and "distillctl[tensorrt]" in info.value.message
+
+
+def test_bad_options(run):
+    with pytest.raises(BadInput):
+        run_bench([str(run)], backends=["tflite"])
+    with pytest.raises(BadInput):
+        run_bench([str(run)], batch_sizes=[0])
+
+
+def test_summarize_numbers():
+    s = summarize([1.0, 2.0, 3.0, 4.0], batch=2)
+    assert s["p50"] == 2.5 and s["mean"] == 2.5 and s["min"] == 1.0
+    assert s["p90"] == pytest.approx(3.7) and s["p99"] == pytest.approx(3.97)
+    assert s["throughput_img_s"] == pytest.approx(800.0)  # 2 images x 4 calls / 10 ms
+
+
+def test_model_card(bench, run):
+    from distillctl.runs import atomic_write_json
+
+    atomic_write_json(run / BENCH_JSON, bench)  # other tests here re-bench the same run
+    card = write_model_card(run).read_text()
+    assert "# resnet18" in card and "`ce`" in card
+    assert "| torch | torch-cpu | 1 |" in card and "| onnxruntime | CPUExecutionProvider | 4 |" in card
+    assert "Hardware:" in card and f"![latency]({BENCH_PNG})" in card
+    assert f"![training curves]({CURVES_PNG})" in card
+    assert (run / CURVES_PNG).read_bytes()[:4] == b"\x89PNG"
+    assert "Not exported yet" in card  # no export.json in this run
+
+
+@pytest.mark.slow
+def test_torch_compile_measured_or_skipped_with_reason(run):
+    res = run_bench([str(run)], backends=["torch_compile"], batch_sizes=[1], warmup=1, iters=3, threads=1, device="cpu")
+    assert "torch_compile" in res["latency_ms"] or res["skipped"]["torch_compile"]
