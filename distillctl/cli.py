@@ -172,8 +172,7 @@ def methods(json_out: bool = JsonOpt):
         out = []
         for n in registry.names():
             cls = registry.get(n)
-            params = {k: f.default if f.default is not None or not f.is_required() else None
-                      for k, f in cls.Config.model_fields.items()}
+            params = {k: f.get_default(call_default_factory=True) for k, f in cls.Config.model_fields.items()}
             out.append({"name": n, "paper": cls.paper, "params": params})
         return {"methods": out}
 
@@ -212,9 +211,10 @@ def compare(recipe: str = RecipeArg,
         from .compare import compare as compare_fn
 
         names = [m.strip() for m in methods_.split(",") if m.strip()]
-        return compare_fn(recipe, names, list(set_ or []), Path(out) if out else None, device)
+        return compare_fn(recipe, names, list(set_ or []), Path(out) if out else None, device,
+                          progress=show_progress(json_out))
 
-    execute("compare", json_out, body)
+    execute("compare", json_out, body, lambda d: d["table"] + f"\nrun folder: {d['run_dir']}")
 
 
 def main():

@@ -7,7 +7,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Tiny models run fastest on one thread, and subprocesses must not oversubscribe the cores.
+os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -1,0 +1,180 @@
+"""The command line as users and CI pipelines see it: exit codes, --json, kill/resume, torchrun."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import RECIPES, cli
+
+SMOKE = str(RECIPES / "ci_smoke.yaml")
+
+
+@pytest.fixture(scope="module")
+def teacher_weights(tmp_path_factory):
+    """A teacher checkpoint for ci_smoke's ViT (random init: these tests check mechanics, not accuracy)."""
+    from safetensors.torch import save_file
+
+    from distillctl.compat import import_timm
+    from distillctl.recipe import load_recipe
+
+    timm = import_timm()
+    r = load_recipe(SMOKE)
+    torch.manual_seed(0)
+    t = timm.create_model(r.teacher.model, num_classes=10, **r.teacher.kwargs)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in t.state_dict().items()}, str(path))
+    return str(path)
+
+
+def test_help_does_not_import_torch():
+    code = "import sys, distillctl.cli; print('torch' in sys.modules, 'timm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split()
+    assert out == ["False", "False"]
+
+
+def test_misspelt_key_exits_2_with_suggestion(tmp_path):
+    p = cli("validate", SMOKE, "--set", "train.epoch=3", "--json")
+    assert p.returncode == 2
+    doc = json.loads(p.stdout)
+    assert doc["status"] == "error" and doc["exit_code"] == 2 and doc["command"] == "validate"
+    assert "train.epoch" in doc["error"] and "train.epochs" in doc["error"]
+    assert "Traceback" not in p.stderr and "did you mean 'train.epochs'" in p.stderr
+
+
+def test_missing_weights_exit_2(tmp_path):
+    p = cli("distill", SMOKE, "--set", "teacher.weights=/nonexistent/t.safetensors", "--out", str(tmp_path / "r"),
+            "--json")
+    assert p.returncode == 2, p.stderr
+    assert "not found" in json.loads(p.stdout)["error"]
+    assert "Traceback" not in p.stderr
+
+
+def test_cuda_absent_exit_4(tmp_path, teacher_weights):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    p = cli("distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--device", "cuda",
+            "--out", str(tmp_path / "r"))
+    assert p.returncode == 4 and "CUDA" in p.stderr
+
+
+def test_methods_json_lists_every_method():
+    p = cli("methods", "--json")
+    doc = json.loads(p.stdout)
+    names = [m["name"] for m in doc["methods"]]
+    assert {"ce", "kd"} <= set(names)
+    kd = next(m for m in doc["methods"] if m["name"] == "kd")
+    assert kd["params"] == {"temperature": 4.0, "w_ce": 0.1, "w_kd": 0.9} and "Hinton" in kd["paper"]
+
+
+def test_distill_json_document_and_strict_student(tmp_path, teacher_weights):
+    run = tmp_path / "run"
+    p = cli("distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--out", str(run), "--json",
+            cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)  # exactly one document, nothing else on stdout
+    assert doc["command"] == "distill" and doc["status"] == "ok" and doc["exit_code"] == 0
+    assert 0.0 <= doc["metrics"]["student_top1"] <= 1.0 and "teacher_top1" in doc["metrics"]
+    assert Path(doc["artifacts"]["checkpoint"]).is_file()
+    # run folder contents per the contract
+    for f in ("recipe.yaml", "manifest.json", "metrics.jsonl", "checkpoint.pt", "student/model.safetensors",
+              "student/config.json"):
+        assert (run / f).is_file(), f
+    man = json.loads((run / "manifest.json").read_text())
+    assert man["status"] == "completed" and man["seed"] == 0 and "torch" in man["versions"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_kd" in r and "loss_ce" in r and "lr" in r and "img_s" in r for r in rows)
+    assert any("top1" in r and "top5" in r for r in rows)
+    assert (tmp_path / "runs" / "latest").resolve() == run.resolve()
+    # the student is the bare timm architecture
+    from safetensors.torch import load_file
+
+    from distillctl.compat import import_timm
+
+    fresh = import_timm().create_model("resnet10t", num_classes=10)
+    fresh.load_state_dict(load_file(str(run / "student" / "model.safetensors")), strict=True)
+
+
+def _wait_for(pred, timeout=240, proc=None):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return False
+        time.sleep(0.2)
+    return False
+
+
+def _ckpt_epoch(run):
+    from distillctl.train import load_checkpoint
+
+    try:
+        return load_checkpoint(run / "checkpoint.pt")["epoch"]
+    except Exception:
+        return -1
+
+
+def _popen(*args, cwd):
+    env = dict(os.environ, CI="true")
+    return subprocess.Popen([sys.executable, "-m", "distillctl.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+
+
+LONG = ["--set", "train.epochs=3", "--set", "data.synthetic_size=800", "--set", "train.log_every=2"]
+
+
+def test_sigkill_then_resume_finishes_all_epochs(tmp_path, teacher_weights):
+    run = tmp_path / "run"
+    args = ["distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", *LONG, "--out", str(run)]
+    p = _popen(*args, cwd=tmp_path)
+    assert _wait_for(lambda: (run / "checkpoint.pt").is_file() and _ckpt_epoch(run) >= 1, proc=p), p.stderr.read()
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    killed_at = _ckpt_epoch(run)
+    assert 1 <= killed_at < 3
+    r = cli(*args, "--resume", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {run / 'checkpoint.pt'}" in r.stderr
+    assert _ckpt_epoch(run) == 3
+    epochs = {json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()
+              if "top1" in line}
+    assert epochs == {1, 2, 3}
+    assert json.loads((run / "manifest.json").read_text())["status"] == "completed"
+
+
+def test_sigterm_writes_checkpoint_and_exits_130(tmp_path, teacher_weights):
+    run = tmp_path / "run"
+    args = ["distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", *LONG, "--out", str(run)]
+    p = _popen(*args, "--json", cwd=tmp_path)
+    assert _wait_for(lambda: (run / "metrics.jsonl").is_file(), proc=p)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    doc = json.loads(out)
+    assert doc["exit_code"] == 130 and "--resume" in doc["error"]
+    from distillctl.train import load_checkpoint
+
+    st = load_checkpoint(run / "checkpoint.pt")
+    assert st["step"] > 0 or st["epoch"] > 0
+    assert json.loads((run / "manifest.json").read_text())["status"] == "interrupted"
+
+
+def test_torchrun_two_cpu_processes(tmp_path, teacher_weights):
+    run = tmp_path / "run"
+    env = dict(os.environ, CI="true", OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "distillctl.cli", "distill", SMOKE, "--set", f"teacher.weights={teacher_weights}",
+                        "--out", str(run), "--device", "cpu"], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # each rank takes half of the 260-image training split: 4 steps of 32 per epoch instead of 8
+    steps = [r["step"] for r in rows if "step" in r]
+    assert max(steps) == 4
+    assert (run / "student" / "model.safetensors").is_file()
