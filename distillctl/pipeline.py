@@ -160,8 +160,12 @@ def teacher_recipe(recipe: Recipe) -> Recipe:
     student = StudentConfig(model=t.model, weights=t.weights if t.weights and Path(t.weights).is_file() else None,
                             pretrained=t.pretrained, image_size=t.image_size, mean=t.mean, std=t.std,
                             kwargs=t.kwargs)
-    data = recipe.data.model_copy(update={"image_size": t.image_size or recipe.data.image_size,
-                                          "train_per_class": None})
+    size = t.image_size or recipe.data.image_size
+    # crop padding is in pixels of the training size: keep the same relative shift at the teacher's size
+    pad = recipe.data.augment.random_crop_padding
+    pad = max(1, round(pad * size / recipe.data.image_size)) if pad else 0
+    augment = recipe.data.augment.model_copy(update={"random_crop_padding": pad})
+    data = recipe.data.model_copy(update={"image_size": size, "train_per_class": None, "augment": augment})
     return recipe.model_copy(update={"name": f"{recipe.name}-teacher", "teacher": None, "student": student,
                                      "data": data, "train": t.train or recipe.train,
                                      "method": recipe.method.__class__(name="ce")})
