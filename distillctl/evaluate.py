@@ -17,18 +17,12 @@ from .recipe import Recipe, load_recipe
 from .runs import RECIPE_FILE, STUDENT_DIR, resolve_run
 
 
-def _run_of(path: Path) -> Optional[Path]:
-    """The run folder an artifact sits in (RUN/student/x, RUN/export/x, or RUN/x)."""
-    for d in (path.parent, path.parent.parent):
-        if (d / RECIPE_FILE).is_file():
-            return d
-    return None
-
-
 def _recipe_for(path: Path, recipe: Optional[str]) -> Recipe:
     if recipe:
         return load_recipe(recipe)
-    run = _run_of(path)
+    from .export.context import run_folder_of
+
+    run = run_folder_of(path)
     if run is None:
         raise BadInput(f"cannot tell which data to evaluate {path} on: it is not inside a run folder; "
                        "pass --recipe RECIPE")
@@ -63,8 +57,9 @@ def _classify(target: Optional[str]) -> tuple[str, Path]:
 def evaluate_target(target: Optional[str], recipe: Optional[str] = None, device: str = "auto") -> dict:
     """top-1/top-5 of TARGET on its recipe's validation split, in the runtime the target is for."""
     from .data import build_data
-    from .export.runtime import OrtRunner, TorchRunner, accuracy, resolve_device
+    from .export.runtime import OrtRunner, TorchRunner, accuracy
     from .models import InputView
+    from .train import resolve_device
 
     fmt, path = _classify(target)
     label = str(path)

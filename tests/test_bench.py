@@ -46,7 +46,7 @@ def test_latency_document_shape(bench):
     sp = bench["speedup_vs_torch_p50"]["onnxruntime"]
     assert sp["1"] == pytest.approx(bench["latency_ms"]["torch"]["1"]["p50"] / bench["latency_ms"]["onnxruntime"]["1"]["p50"],
                                     rel=1e-2)
-    assert bench["settings"]["iters"] == 12 and bench["settings"]["interleaved"] is True
+    assert bench["settings"]["iters"] == 12 and bench["settings"]["rounds"] == 5
 
 
 def test_files_written_into_the_run(bench, run):
@@ -84,6 +84,17 @@ def test_bad_options(run):
         run_bench([str(run)], backends=["tflite"])
     with pytest.raises(BadInput):
         run_bench([str(run)], batch_sizes=[0])
+
+
+def test_interleaved_blocks_give_every_backend_iters_calls():
+    from distillctl.export.bench import measure_interleaved
+
+    calls = []
+    times = measure_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                warmup=1, iters=7, min_warmup_s=0.0)
+    assert [len(v) for v in times.values()] == [7, 7]
+    body = calls[2:]  # after one warm-up call each: blocks of 2 timed calls + 1 settling call, alternating
+    assert body[:6] == ["a"] * 3 + ["b"] * 3
 
 
 def test_summarize_numbers():

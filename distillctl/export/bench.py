@@ -6,10 +6,13 @@ plus ``onnxruntime_fp16`` when the run has model.fp16.onnx) and ``trt`` (engine,
 
 Method: inputs are placed where each runtime wants them before timing (device memory for CUDA,
 a bound CPU buffer for ONNX Runtime); each backend is warmed up (``warmup`` calls and at least
-0.2 s); then the backends are timed *interleaved* (one call of each per round, ``iters``
-rounds), so load from other processes on a shared machine hits all backends alike. Every call
-waits for its result (CUDA synchronised). Figures: p50/p90/p99/mean in ms per batch, and
-throughput = batch x calls / total time.
+0.2 s); then ``iters`` calls per backend are timed in blocks that alternate between backends
+(5 rounds), so load from other processes on a shared machine hits all backends alike. A block
+starts after a 20 ms pause and one untimed call, and ONNX Runtime's CPU threads do not spin
+when idle: otherwise one runtime's spinning threads are timed as the other's latency (measured
+here: torch eager 10x slower when interleaved call by call with a spinning ORT session). Torch
+and ONNX Runtime use the same number of CPU threads. Every call waits for its result (CUDA
+synchronised). Figures: p50/p90/p99/mean in ms per batch, throughput = batch x calls / total time.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import torch
 from ..errors import BadInput, MissingCapability
 from ..recipe import BenchConfig, load_recipe
 from ..runs import RECIPE_FILE, STUDENT_DIR, atomic_write_json, resolve_run, versions
-from .context import EXPORT_DIR
+from .context import EXPORT_DIR, run_folder_of
 from .onnx import ONNX_FILE, ONNX_FP16_FILE, read_metadata
 from .runtime import OrtRunner, Runner, TorchRunner
 
@@ -35,6 +38,8 @@ BENCH_JSON = "bench.json"
 BENCH_PNG = "bench.png"
 BACKENDS = ("torch", "torch_compile", "onnxruntime", "trt")
 MIN_WARMUP_S = 0.2
+ROUNDS = 5  # blocks per backend: interleaved so a burst of load from elsewhere hits every backend
+SETTLE_S = 0.02
 
 
 # ----------------------------------------------------------------------------- the harness
@@ -46,7 +51,12 @@ def measure(fn: Callable[[], None], *, warmup: int, iters: int, min_warmup_s: fl
 
 
 def measure_interleaved(fns: dict[str, Callable[[], None]], *, warmup: int, iters: int,
-                        min_warmup_s: float = MIN_WARMUP_S) -> dict[str, list[float]]:
+                        min_warmup_s: float = MIN_WARMUP_S, rounds: int = ROUNDS) -> dict[str, list[float]]:
+    """``iters`` timed calls per function, taken in blocks that alternate between the functions.
+
+    Each block starts after a short pause and one untimed call, so threads the previous runtime
+    left spinning (OpenMP, ONNX Runtime pools) have gone idle before the clock starts.
+    """
     for fn in fns.values():
         t_end = time.perf_counter() + min_warmup_s
         done = 0
@@ -54,11 +64,21 @@ def measure_interleaved(fns: dict[str, Callable[[], None]], *, warmup: int, iter
             fn()
             done += 1
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(iters):
+    rounds = max(1, min(rounds, iters))
+    per_block = -(-iters // rounds)
+    switch = len(fns) > 1
+    for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter_ns()
-            fn()
-            times[name].append((time.perf_counter_ns() - t0) / 1e6)
+            todo = min(per_block, iters - len(times[name]))
+            if todo <= 0:
+                continue
+            if switch:
+                time.sleep(SETTLE_S)
+                fn()
+            for _ in range(todo):
+                t0 = time.perf_counter_ns()
+                fn()
+                times[name].append((time.perf_counter_ns() - t0) / 1e6)
     return times
 
 
@@ -100,13 +120,6 @@ class Target:
     bench: BenchConfig = field(default_factory=BenchConfig)
 
 
-def _find_run(path: Path) -> Optional[Path]:
-    for d in (path.parent, path.parent.parent):
-        if (d / RECIPE_FILE).is_file():
-            return d
-    return None
-
-
 def _student_size(folder: Path) -> int:
     from .student import read_config
 
@@ -130,7 +143,7 @@ def resolve_target(target: Optional[str]) -> Target:
         return t
     if not p.is_file():
         raise BadInput(f"bench target not found: {p}")
-    run = _find_run(p)
+    run = run_folder_of(p)
     bench = load_recipe(run / RECIPE_FILE).bench if run else BenchConfig()
     if p.suffix == ".safetensors":
         t = Target(p.stem if run is None else run.name, run, _student_size(p), bench=bench)
@@ -161,7 +174,7 @@ def _open(fmt: str, src: Path, device: str, torch_device: torch.device, threads:
             runner.provider = f"torch.compile(inductor)-{torch_device.type}"
         return runner
     if fmt.startswith("onnxruntime"):
-        return OrtRunner(src, device, threads=threads, name=fmt)
+        return OrtRunner(src, device, threads=threads, name=fmt, spinning=False)
     from .trt import TrtRunner
 
     return TrtRunner(src, device)
@@ -175,7 +188,7 @@ def run_bench(targets: list[str], *, batch_sizes: Optional[list[int]] = None, ba
               threads: Optional[int] = None) -> dict:
     """Latency/throughput per format and batch size; writes bench.json and bench.png into each run folder."""
     from . import trt as trt_format
-    from .runtime import resolve_device
+    from ..train import resolve_device
 
     resolved = [resolve_target(t) for t in (targets or [None])]
     explicit = backends is not None
@@ -259,7 +272,8 @@ def run_bench(targets: list[str], *, batch_sizes: Optional[list[int]] = None, ba
         "speedup_vs_torch_p50": speedup,
         "device": device_info(torch_device, threads), "versions": versions(), "providers": providers,
         "skipped": skipped, "compile_s": compile_s, "settings": {"batch_sizes": sizes, "warmup": warmup, "iters": iters, "threads": threads,
-                                         "interleaved": True, "min_warmup_s": MIN_WARMUP_S},
+                                         "rounds": ROUNDS, "settle_s": SETTLE_S,
+                                         "min_warmup_s": MIN_WARMUP_S, "ort_spinning": False},
     }
     files = {}
     for t in resolved:

@@ -14,6 +14,16 @@ from .runtime import Runner
 EXPORT_DIR = "export"  # ONNX files, the engine, its sidecar and timing cache live in RUN/export/
 
 
+def run_folder_of(path: Path) -> Optional[Path]:
+    """The run folder an artifact sits in (RUN/student/x, RUN/export/x or RUN/x), if any."""
+    from ..runs import RECIPE_FILE
+
+    for d in (Path(path).parent, Path(path).parent.parent):
+        if (d / RECIPE_FILE).is_file():
+            return d
+    return None
+
+
 @dataclass
 class Artifact:
     name: str  # key in ``artifacts`` and ``parity``: safetensors, onnx, onnx_fp16, trt

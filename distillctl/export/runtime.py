@@ -22,12 +22,6 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
 
-def resolve_device(device: str) -> torch.device:
-    from ..train import resolve_device as _resolve
-
-    return _resolve(device)
-
-
 class Runner:
     """Base class: ``name`` (format), ``provider`` (what actually executes), ``max_batch``."""
 
@@ -116,8 +110,13 @@ def ort_plan(device: str) -> tuple[list, bool]:
     raise BadInput(f"--device must be auto, cpu or cuda, got {device!r}")
 
 
-def create_session(path: Path, device: str = "auto", *, threads: Optional[int] = None, fp32_exact: bool = True):
+def create_session(path: Path, device: str = "auto", *, threads: Optional[int] = None, fp32_exact: bool = True,
+                   spinning: bool = True):
     """An InferenceSession whose provider is checked: ONNX Runtime falls back to CPU silently otherwise.
+
+    ``spinning=False`` stops idle intra-op threads from busy-waiting after each run: when ONNX Runtime
+    shares cores with another runtime (the interleaved benchmark), their spinning would be timed as
+    the other runtime's latency.
 
     Returns ``(session, provider_used, fell_back)``.
     """
@@ -132,6 +131,8 @@ def create_session(path: Path, device: str = "auto", *, threads: Optional[int] =
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         with contextlib.redirect_stdout(sys.stderr):  # ORT prints its fallback banner on stdout
             sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
@@ -152,10 +153,12 @@ def create_session(path: Path, device: str = "auto", *, threads: Optional[int] =
 class OrtRunner(Runner):
     name = "onnxruntime"
 
-    def __init__(self, path: Path, device: str = "auto", *, threads: Optional[int] = None, name: str = "onnx"):
+    def __init__(self, path: Path, device: str = "auto", *, threads: Optional[int] = None, name: str = "onnx",
+                 spinning: bool = True):
         self.path = Path(path)
         self.name = name
-        self.session, self.provider, self.fell_back = create_session(self.path, device, threads=threads)
+        self.session, self.provider, self.fell_back = create_session(self.path, device, threads=threads,
+                                                                     spinning=spinning)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 
