@@ -107,9 +107,13 @@ def export(run: Optional[str] = typer.Argument(None, help="run folder (default r
            precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | fp16"),
            dynamic_batch: Optional[str] = typer.Option(None, "--dynamic-batch", help="MIN:OPT:MAX"),
            opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset"),
-           max_parity_diff: Optional[float] = typer.Option(None, "--max-parity-diff", help="gate: exit 3 above this"),
-           min_top1: Optional[float] = typer.Option(None, "--min-top1", help="gate: exit 3 below this top-1"),
-           max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="gate: exit 3 above this p50"),
+           max_parity_diff: Optional[float] = typer.Option(
+               None, "--max-parity-diff", help="gate: exit 3 when max |logit diff| vs PyTorch exceeds this "
+                                               "(stated for FP32; FP16 artifacts get 200x)"),
+           min_top1: Optional[float] = typer.Option(None, "--min-top1", help="gate: exit 3 when an artifact's "
+                                                                             "top-1 is below this fraction"),
+           max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="gate: exit 3 when the "
+                                                          "deployed artifact's batch-1 p50 exceeds this"),
            device: str = DeviceOpt, json_out: bool = JsonOpt):
     """Export the bare student (no training-only heads) and check it against PyTorch."""
 
@@ -128,6 +132,12 @@ def export(run: Optional[str] = typer.Argument(None, help="run folder (default r
 @app.command()
 def bench(targets: Optional[List[str]] = typer.Argument(None, help="run folders or artifacts (default runs/latest)"),
           batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="comma-separated, e.g. 1,32"),
+          backends: Optional[str] = typer.Option(None, "--backends",
+                                                 help="comma-separated: torch,torch_compile,onnxruntime,trt "
+                                                      "(default: the recipe's bench.backends)"),
+          warmup: Optional[int] = typer.Option(None, "--warmup", help="warm-up calls per backend"),
+          iters: Optional[int] = typer.Option(None, "--iters", help="timed calls per backend and batch size"),
+          threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch and ONNX Runtime"),
           device: str = DeviceOpt, json_out: bool = JsonOpt):
     """Latency (p50/p90/p99) and throughput of the student in each available runtime."""
 
@@ -141,7 +151,9 @@ def bench(targets: Optional[List[str]] = typer.Argument(None, help="run folders 
                 sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
             except ValueError:
                 raise BadInput(f"--batch-sizes expects integers such as 1,32, got {batch_sizes!r}") from None
-        return run_bench(list(targets or []), batch_sizes=sizes, device=device)
+        names = [b for b in backends.split(",") if b.strip()] if backends else None
+        return run_bench(list(targets or []), batch_sizes=sizes, backends=names, device=device, warmup=warmup,
+                         iters=iters, threads=threads)
 
     execute("bench", json_out, body)
 
