@@ -67,6 +67,10 @@ def write_curves(rows: list[dict], path: Path) -> Optional[Path]:
     return path
 
 
+def _floats(values) -> list:
+    return [round(float(v), 4) for v in values or []]
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -105,7 +109,7 @@ def write_model_card(run_dir) -> Path:
         ["Data", f"`{recipe.data.dataset}` at {recipe.data.image_size}px"
                  + (f", {recipe.data.train_per_class} labelled images per class" if recipe.data.train_per_class else "")],
         ["Preprocessing", f"RGB in [0, 1], resize to {pc.get('input_size', ['?'])[-1]}px, (x - mean) / std with "
-                          f"mean {pc.get('mean')} std {pc.get('std')}"],
+                          f"mean {_floats(pc.get('mean'))} std {_floats(pc.get('std'))}"],
         ["Training", f"{recipe.train.epochs} epochs, {recipe.train.optimizer} lr {recipe.train.lr}, "
                      f"{manifest.get('device', '?')}, {manifest.get('started', '?')} → {manifest.get('ended', '?')} "
                      f"({manifest.get('status', '?')})"],
@@ -181,7 +185,7 @@ def write_model_card(run_dir) -> Path:
             "", "import numpy as np, onnxruntime as ort",
             f'sess = ort.InferenceSession("{(run / "export" / "model.onnx").resolve()}", providers=["CPUExecutionProvider"])',
             f"x = np.random.rand(1, 3, {size}, {size}).astype(np.float32)  # RGB in [0, 1]",
-            f"mean, std = np.array({pc.get('mean')}, np.float32), np.array({pc.get('std')}, np.float32)",
+            f"mean, std = np.array({_floats(pc.get('mean'))}, np.float32), np.array({_floats(pc.get('std'))}, np.float32)",
             "logits = sess.run(None, {\"input\": (x - mean[:, None, None]) / std[:, None, None]})[0]",
             "```", "",
             "## Limitations", "",
