@@ -69,6 +69,8 @@ def execute(command: str, json_out: bool, fn: Callable[[], dict], human: Callabl
         body = fn() or {}
     except DistillError as err:
         code, error = err.exit_code, err.message
+        if isinstance(err.details, dict):  # e.g. a failed gate's figures (parity, metrics, gates)
+            body = err.details
     except KeyboardInterrupt:
         code, error = 130, "interrupted"
     except typer.Exit:
