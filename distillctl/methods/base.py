@@ -12,15 +12,29 @@ keyed ``loss_<term>``; the trainer sums the dict and logs each key (the mdistill
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Annotated, ClassVar, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from ..errors import BadInput
 from ..models import ModelShapes, Outputs, forward_all
+
+
+def _check_stages(v: list[int]) -> list[int]:
+    bad = [s for s in v if s not in (1, 2, 3, 4)]
+    if bad:
+        raise ValueError(f"stages are student stages 1..4, got {bad}; for example stages: [1, 2, 3, 4]")
+    dup = sorted({s for s in v if v.count(s) > 1})
+    if dup:
+        raise ValueError(f"stages must be unique, stage(s) {dup} appear more than once in {v}")
+    return sorted(v)
+
+
+# A validated, sorted, non-empty list of student stages (shared by every multi-stage method's config).
+Stages = Annotated[list[int], AfterValidator(_check_stages)]
 
 
 class MethodConfig(BaseModel):

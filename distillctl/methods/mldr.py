@@ -18,11 +18,11 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import BadInput
-from .base import Distiller, MethodConfig, kl_div
+from .base import Distiller, MethodConfig, Stages, kl_div
 from .heads import shared_dim, stage_projector
 from .registry import register
 
@@ -107,7 +107,7 @@ class MSDF(nn.Module):
 
 
 class MLDRConfig(MethodConfig):
-    stages: list[int] = Field([1, 2, 3, 4], min_length=1,
+    stages: Stages = Field([1, 2, 3, 4], min_length=1,
                               description="student stages (1..4) projected to stage logits")
     temperature: float = Field(1.0, gt=0)
     alpha: float = Field(2.0, ge=0, description="weight of the probability KL inside DFRA")
@@ -119,12 +119,6 @@ class MLDRConfig(MethodConfig):
     w_fused: float = Field(1.0, ge=0, description="DFRA on the MSDF-fused logits")
     relation_chunk: int = Field(1 << 24, ge=1024, description="max relation elements held at once (memory bound)")
 
-    @field_validator("stages")
-    @classmethod
-    def _stages(cls, v: list[int]) -> list[int]:
-        if any(s not in (1, 2, 3, 4) for s in v) or len(set(v)) != len(v):
-            raise ValueError(f"stages must be distinct values in 1..4, got {v}")
-        return sorted(v)
 
 
 @register

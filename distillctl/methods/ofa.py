@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from .base import Distiller, MethodConfig
+from .base import Distiller, MethodConfig, Stages
 from .heads import shared_dim, stage_projector
 from .registry import register
 
@@ -44,7 +44,7 @@ def ofa_loss(z: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, gamma: float = 
 
 
 class OFAConfig(MethodConfig):
-    stages: list[int] = Field([1, 2, 3, 4], min_length=1,
+    stages: Stages = Field([1, 2, 3, 4], min_length=1,
                               description="student stages (1..4) that get an auxiliary branch")
     temperature: float = Field(1.0, gt=0)
     gamma: float = Field(1.0, gt=0, description="target enhancement exponent (1.5 is the ImageNet setting)")
@@ -52,12 +52,6 @@ class OFAConfig(MethodConfig):
     w_kd: float = Field(1.0, ge=0, description="OFA loss on the student's own logits")
     w_ofa: float = Field(1.0, ge=0, description="OFA loss on each stage branch (summed over stages)")
 
-    @field_validator("stages")
-    @classmethod
-    def _stages(cls, v: list[int]) -> list[int]:
-        if any(s not in (1, 2, 3, 4) for s in v) or len(set(v)) != len(v):
-            raise ValueError(f"stages must be distinct values in 1..4, got {v}")
-        return sorted(v)
 
 
 @register
