@@ -17,6 +17,13 @@ Losses (stage terms reduced over stages by ``stage_reduce``):
     loss_kd  = w_kd * T^2 * KL(p(zt, T) || p(zs, T))
     loss_sdd = w_sdd * red_i (1/n) sum_j T^2 * KL(p(f_ij, T) || p(zs, T))
     loss_ol  = w_ol * red_i OL_i
+
+Scale note (measured, benchmarks/lowdata.py): with the defaults (4 stages summed, w_sdd = 6) the
+SDD term pulls on the student's logits with 24x the gradient of the KD term. With SGD at a small
+batch (digits, batch 20, lr 0.05) that first blows the student up, and then, because the fused
+targets are not detached, student and CFM settle on a shared near-uniform distribution
+(KL(p(f) || p(zs)) = 0 with both uniform: the CFM learns z ~ -zt), so the student ends near chance.
+``train.grad_clip`` and/or ``stage_reduce: mean`` avoid it; the defaults follow methods.md.
 """
 from __future__ import annotations
 
