@@ -32,18 +32,18 @@ from typing import Literal, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from ..errors import BadInput
-from .base import Distiller, MethodConfig, PairInfo
+from .base import Distiller, MethodConfig, PairInfo, Stages
 from .heads import shared_dim, stage_projector
 from .registry import register
 
 
 class HCDConfig(MethodConfig):
     num_sub_logits: int = Field(4, ge=1, description="n: sub-logits per stage produced by each CFM")
-    stages: list[int] = Field(default_factory=lambda: [1, 2, 3, 4], min_length=1,
-                              description="student stages (1..4) that get a projector and a CFM")
+    stages: Stages = Field(default_factory=lambda: [1, 2, 3, 4], min_length=1,
+                           description="student stages (1..4) that get a projector and a CFM")
     ol_threshold: float = Field(0.5, ge=-1.0, le=1.0, description="theta: cosine similarity tolerated by OL")
     w_kd: float = Field(1.0, ge=0, description="weight of the final-logit KD term")
     w_sdd: float = Field(6.0, ge=0, description="weight of the sub-logit decoupled distillation term")
@@ -57,17 +57,6 @@ class HCDConfig(MethodConfig):
     fuse_student_weight: float = Field(1.0, ge=0, description="a in f = a * z + b * zt")
     fuse_teacher_weight: float = Field(1.0, ge=0, description="b in f = a * z + b * zt")
     ol_mask: Literal["zero", "none"] = Field("zero", description="zero the ground-truth entry before OL, or not")
-
-    @field_validator("stages")
-    @classmethod
-    def _check_stages(cls, v: list[int]) -> list[int]:
-        bad = [s for s in v if not 1 <= s <= 4]
-        if bad:
-            raise ValueError(f"stages are student stages 1..4, got {bad}; for example stages: [1, 2, 3, 4]")
-        dup = sorted({s for s in v if v.count(s) > 1})
-        if dup:
-            raise ValueError(f"stages must be unique, stage(s) {dup} appear more than once in {v}")
-        return sorted(v)
 
     @model_validator(mode="after")
     def _check_fusion(self) -> "HCDConfig":
