@@ -18,10 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from .errors import BadInput, DistillError, Interrupted
-from .recipe import Recipe, apply_overrides, suggest, validate_raw
+from .recipe import Recipe, apply_overrides, read_raw, suggest, validate_raw
 from .runs import (CHECKPOINT_FILE, METRICS_FILE, atomic_write_bytes, atomic_write_json, atomic_write_text,
                    new_run_dir, read_jsonl)
 
@@ -30,18 +28,6 @@ JSON_FILE, TABLE_FILE, CHART_FILE = "compare.json", "compare.md", "compare.png"
 
 # ----------------------------------------------------------------------------- recipes
 
-
-def _read_raw(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise BadInput(f"recipe file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
-        raise BadInput(f"cannot read recipe {p}: {err}") from None
-    if not isinstance(raw, dict):
-        raise BadInput(f"recipe {p} must be a YAML mapping")
-    return raw
 
 
 def _check_methods(methods: list[str]) -> list[str]:
@@ -208,7 +194,7 @@ def compare(recipe_path: str, methods: list[str], overrides: list[str], out_dir:
     from .pipeline import distill_run, ensure_teacher
 
     names = _check_methods(list(methods))
-    raw = _read_raw(recipe_path)
+    raw = read_raw(recipe_path)
     recipes = method_recipes(raw, names, list(overrides or []))  # every recipe valid before any training
     first = next(iter(recipes.values()))[0]
     out = new_run_dir(f"compare-{first.name}", str(out_dir) if out_dir else None)

@@ -287,8 +287,8 @@ def validate_raw(raw: dict) -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Recipe:
-    """Read a recipe file safely, apply ``--set`` overrides, validate. Raises BadInput."""
+def read_raw(path: str | Path) -> dict:
+    """The recipe file as a plain mapping (safe YAML loader), before overrides and validation."""
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"recipe file not found: {path}")
@@ -298,8 +298,12 @@ def load_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Reci
         raise BadInput(f"cannot read recipe {path}: {err}") from None
     if not isinstance(raw, dict):
         raise BadInput(f"recipe {path} must be a YAML mapping")
-    raw = apply_overrides(raw, overrides or [])
-    return validate_raw(raw)
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Recipe:
+    """Read a recipe file safely, apply ``--set`` overrides, validate. Raises BadInput."""
+    return validate_raw(apply_overrides(read_raw(path), overrides or []))
 
 
 def method_config(recipe: Recipe):

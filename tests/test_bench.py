@@ -21,7 +21,6 @@ NO_TRT = not trt_format.probe().get("usable", False)
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    torch.set_num_threads(1)
     run = make_run(tmp_path_factory.mktemp("bench") / "run", tiny_recipe(), train_steps=4)
     write_onnx(run)
     return run

@@ -20,7 +20,6 @@ except ImportError:  # tests collected as a package
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    torch.set_num_threads(1)
     run = make_run(tmp_path_factory.mktemp("eval") / "run", tiny_recipe(), train_steps=10)
     write_onnx(run)
     return run

@@ -25,7 +25,6 @@ except ImportError:  # tests collected as a package
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    torch.set_num_threads(1)  # the suite shares a small CPU; one thread avoids OpenMP thrashing
     return make_run(tmp_path_factory.mktemp("export") / "run", tiny_recipe(onnx_fp16=True), train_steps=30)
 
 

@@ -66,15 +66,6 @@ def cfm_params(d: int, dt: int, hidden: int, n: int, c: int) -> int:
 # ----------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP threads spinning against other processes
-    make these tiny forwards 10-30x slower; the numbers under test do not depend on it."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 @pytest.fixture(scope="module")
 def small_vit_teacher():

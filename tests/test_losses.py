@@ -16,13 +16,6 @@ from distillctl.methods.ofa import ofa_loss
 from distillctl.methods.tas import info_nce
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing a shared CPU (100x slower otherwise)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _softmax(v):

@@ -21,13 +21,6 @@ from distillctl.models import probe
 timm = import_timm()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing a shared CPU (100x slower otherwise)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 NUM_CLASSES = 10
 SIZE = 32

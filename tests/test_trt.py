@@ -22,7 +22,6 @@ needs_trt = pytest.mark.skipif(not HAVE_TRT, reason="needs TensorRT and a CUDA d
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    torch.set_num_threads(1)
     return make_run(tmp_path_factory.mktemp("trt") / "run", tiny_recipe(), train_steps=10 if HAVE_TRT else 0)
 
 
