@@ -120,7 +120,6 @@ class MLDRConfig(MethodConfig):
     relation_chunk: int = Field(1 << 24, ge=1024, description="max relation elements held at once (memory bound)")
 
 
-
 @register
 class MLDR(Distiller):
     name = "mldr"

@@ -53,7 +53,6 @@ class OFAConfig(MethodConfig):
     w_ofa: float = Field(1.0, ge=0, description="OFA loss on each stage branch (summed over stages)")
 
 
-
 @register
 class OFA(Distiller):
     name = "ofa"
