@@ -1,8 +1,9 @@
 """Training-step time of distillation methods relative to kd and ce, on one pair and one batch.
 
-A step is: teacher forward (inside the method, no grad) + student forward + training-only
-modules + backward + optimizer step. Every method gets the same models' architecture, the same
-batch and the same optimizer; steps are interleaved across methods (one step of each method per
+A step is ``distillctl.train.train_step``, the trainer's own step: the two input views, teacher
+forward (inside the method, no grad) + student forward + training-only modules + backward +
+optimizer step. Every method gets the same models' architecture, the same batch and the same
+optimizer (built by ``make_step`` from one TrainConfig); steps are interleaved across methods (one step of each method per
 round) so that load from other processes on a shared machine hits all methods alike; the
 median over rounds after warm-up is reported.
 
@@ -18,18 +19,18 @@ import json
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from distillctl.compat import import_timm  # noqa: E402
 from distillctl.methods import build_method, registry  # noqa: E402
 from distillctl.methods.base import PairInfo  # noqa: E402
-from distillctl.models import count_params, probe  # noqa: E402
+from distillctl.models import InputView, count_params, model_norm, probe  # noqa: E402
+from distillctl.recipe import ModelConfig, TrainConfig  # noqa: E402
+from distillctl.train import make_step, train_step  # noqa: E402
 
 QUICK_TEACHER_KWARGS = {"img_size": 32, "patch_size": 4, "depth": 4}
 
@@ -80,6 +81,10 @@ def main(argv=None) -> dict:
     pair = PairInfo(a.num_classes, probe(s0, a.image_size), probe(teacher, t_size), label_smoothing=0.1, epochs=1)
     s_state = s0.state_dict()
 
+    # the trainer's own optimisation settings (timm optimizer, schedule, scaler), identical for every method
+    cfg = TrainConfig(epochs=1, lr=1e-3, weight_decay=1e-4, precision=a.precision, channels_last=True)
+    s_view = InputView(a.image_size, *model_norm(s0, ModelConfig(model=a.student))).to(dev)
+    t_view = InputView(t_size, *model_norm(teacher, ModelConfig(model=a.teacher))).to(dev)
     runs = {}
     for name in methods:
         student = timm.create_model(a.student, pretrained=False, num_classes=a.num_classes, **s_kwargs).to(dev)
@@ -87,17 +92,14 @@ def main(argv=None) -> dict:
         cls = registry.get(name)
         method = build_method(name, student, teacher if cls.needs_teacher else None, cls.Config(), pair).to(dev)
         method.train()
-        opt = torch.optim.SGD(method.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4)
+        step = make_step(method, cfg, device=dev, student_view=s_view, teacher_view=t_view,
+                         steps_per_epoch=10 ** 6)
         extra = sum(count_params(m) for m in method.training_modules().values())
-        runs[name] = {"method": method, "opt": opt, "times": [], "extra_params": extra}
+        runs[name] = {"step": step, "times": [], "extra_params": extra}
 
     gen = torch.Generator().manual_seed(0)
-    xs = torch.rand(a.batch, 3, a.image_size, a.image_size, generator=gen).to(dev)
-    xt = xs if t_size == a.image_size else F.interpolate(xs, size=(t_size, t_size), mode="bilinear")
+    x01 = torch.rand(a.batch, 3, a.image_size, a.image_size, generator=gen).to(dev)
     y = torch.randint(0, a.num_classes, (a.batch,), generator=gen).to(dev)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.precision)
-    autocast = (lambda: torch.autocast(dev.type, dtype=amp_dtype)) if amp_dtype and dev.type == "cuda" else nullcontext
-    scaler = torch.amp.GradScaler("cuda") if a.precision == "fp16" and dev.type == "cuda" else None
 
     def sync():
         if dev.type == "cuda":
@@ -106,17 +108,7 @@ def main(argv=None) -> dict:
     def step(r) -> float:
         sync()
         t0 = time.perf_counter()
-        r["opt"].zero_grad(set_to_none=True)
-        with autocast():
-            _, losses = r["method"](xs, xt, y)
-            loss = sum(losses.values())
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(r["opt"])
-            scaler.update()
-        else:
-            loss.backward()
-            r["opt"].step()
+        train_step(r["step"], [(x01, y)])
         sync()  # the step is done only when the device is
         return time.perf_counter() - t0
 
@@ -134,6 +126,7 @@ def main(argv=None) -> dict:
         "teacher": a.teacher, "teacher_kwargs": t_kwargs, "student": a.student,
         "image_size": a.image_size, "teacher_image_size": t_size, "batch": a.batch,
         "precision": a.precision if dev.type == "cuda" else "fp32",
+        "step": "distillctl.train.train_step",
         "steps": a.steps, "warmup": a.warmup,
         "methods": {
             n: {

@@ -1,90 +1,82 @@
 """The distillctl command line: thin Typer commands over library functions.
 
-Heavy imports (torch, timm, onnx) happen inside the commands so ``--help`` stays fast.
-Each command parses options, calls one library function and reports through
-``clikit.execute`` (exit codes and the ``--json`` document of contract.md).
+Heavy imports (torch, timm, onnx) happen inside the commands so ``--help`` stays fast. Each command
+parses options, calls one library function and reports through ``report.execute`` (exit codes and
+the ``--json`` document of contract.md).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from .clikit import execute, show_progress
+from .report import execute, show_progress
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+def _version(value: bool):
+    if value:
+        from . import __version__
+
+        typer.echo(f"distillctl {__version__}")
+        raise typer.Exit(0)
+
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cross-architecture knowledge distillation: teacher -> student -> safetensors/ONNX/TensorRT.")
 
-RecipeArg = typer.Argument(..., help="recipe YAML file")
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")):
+    """Cross-architecture knowledge distillation: teacher -> student -> safetensors/ONNX/TensorRT."""
+
+
+SourceArg = typer.Argument(None, help="recipe YAML file; with --resume, the run folder (default runs/latest)")
 SetOpt = typer.Option(None, "--set", help="dotted recipe override KEY=VALUE (repeatable)")
 OutOpt = typer.Option(None, "--out", help="run folder (default runs/<name>-<time>)")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda")
 JsonOpt = typer.Option(False, "--json", help="print one JSON document on stdout")
+ResumeOpt = typer.Option(False, "--resume", help="continue a run from its own folder and recipe")
+AmendOpt = typer.Option(False, "--amend", help="with --resume: allow --set to change optimisation keys "
+                                               "(train.lr, train.grad_clip, train.epochs, ...); recorded in the manifest")
 
 
-def _recipe(path: str, overrides: Optional[List[str]]):
-    from .recipe import load_recipe
+def _training_command(command: str, source, out, set_, resume, amend, device, json_out):
+    def body():
+        from . import flows
 
-    return load_recipe(path, overrides or [])
+        run = flows.prepare(command, source, overrides=set_, out=out, resume=resume, amend=amend)
+        progress = show_progress(json_out)
+        if command == "run":
+            work = lambda r: flows.full_run(r, device=device, resume=resume, progress=progress)  # noqa: E731
+        elif command == "train":
+            work = lambda r: flows.train_run(r, device=device, resume=resume, progress=progress)  # noqa: E731
+        else:
+            work = lambda r: flows.distill_run(r, device=device, resume=resume, progress=progress)  # noqa: E731
+        return flows.execute(command, run, work, device=device)
 
-
-def _run_dir_for(recipe, out: Optional[str], resume: bool) -> Path:
-    from .errors import BadInput
-    from .runs import latest_run, new_run_dir
-
-    if resume and not out:
-        latest = latest_run()
-        if latest is None or not (latest / "recipe.yaml").is_file():
-            raise BadInput("--resume needs --out RUN_DIR or a previous run at runs/latest")
-        return latest
-    return new_run_dir(recipe.name, out) if not resume else Path(out)
+    execute(command, json_out, body)
 
 
 @app.command()
-def run(recipe: str = RecipeArg, out: Optional[str] = OutOpt, set_: Optional[List[str]] = SetOpt,
-        device: str = DeviceOpt, json_out: bool = JsonOpt):
+def run(source: Optional[str] = SourceArg, out: Optional[str] = OutOpt, set_: Optional[List[str]] = SetOpt,
+        resume: bool = ResumeOpt, amend: bool = AmendOpt, device: str = DeviceOpt, json_out: bool = JsonOpt):
     """Train the teacher if needed, distil, evaluate, export (the recipe's formats) and benchmark."""
-
-    def body():
-        from .runner import full_run
-
-        r = _recipe(recipe, set_)
-        return full_run(r, _run_dir_for(r, out, False), device=device, progress=show_progress(json_out))
-
-    execute("run", json_out, body)
+    _training_command("run", source, out, set_, resume, amend, device, json_out)
 
 
 @app.command()
-def train(recipe: str = RecipeArg, out: Optional[str] = OutOpt, set_: Optional[List[str]] = SetOpt,
-          resume: bool = typer.Option(False, "--resume", help="continue the run's last checkpoint"),
-          device: str = DeviceOpt, json_out: bool = JsonOpt):
+def train(source: Optional[str] = SourceArg, out: Optional[str] = OutOpt, set_: Optional[List[str]] = SetOpt,
+          resume: bool = ResumeOpt, amend: bool = AmendOpt, device: str = DeviceOpt, json_out: bool = JsonOpt):
     """Train the recipe's student supervised (how a teacher or a student baseline is made)."""
-
-    def body():
-        from .pipeline import train_run
-
-        r = _recipe(recipe, set_)
-        return train_run(r, _run_dir_for(r, out, resume), device=device, resume=resume,
-                         progress=show_progress(json_out))
-
-    execute("train", json_out, body)
+    _training_command("train", source, out, set_, resume, amend, device, json_out)
 
 
 @app.command()
-def distill(recipe: str = RecipeArg, out: Optional[str] = OutOpt, set_: Optional[List[str]] = SetOpt,
-            resume: bool = typer.Option(False, "--resume", help="continue the run's last checkpoint"),
-            device: str = DeviceOpt, json_out: bool = JsonOpt):
+def distill(source: Optional[str] = SourceArg, out: Optional[str] = OutOpt, set_: Optional[List[str]] = SetOpt,
+            resume: bool = ResumeOpt, amend: bool = AmendOpt, device: str = DeviceOpt, json_out: bool = JsonOpt):
     """Distil the recipe's teacher into its student with the recipe's method."""
-
-    def body():
-        from .pipeline import distill_run
-
-        r = _recipe(recipe, set_)
-        return distill_run(r, _run_dir_for(r, out, resume), device=device, resume=resume,
-                           progress=show_progress(json_out))
-
-    execute("distill", json_out, body)
+    _training_command("distill", source, out, set_, resume, amend, device, json_out)
 
 
 @app.command("eval")
@@ -98,7 +90,12 @@ def eval_(target: Optional[str] = typer.Argument(None, help="run folder, .safete
 
         return evaluate_target(target, recipe, device=device)
 
-    execute("eval", json_out, body)
+    def human(doc):
+        m = doc["metrics"]
+        return (f"{doc['target']} ({doc['format']}, {doc['provider']}): top-1 {100 * m['top1']:.2f}% "
+                f"top-5 {100 * m['top5']:.2f}% on {m['n']} {doc['dataset']} validation images")
+
+    execute("eval", json_out, body, human)
 
 
 @app.command()
@@ -118,11 +115,11 @@ def export(run: Optional[str] = typer.Argument(None, help="run folder (default r
     """Export the bare student (no training-only heads) and check it against PyTorch."""
 
     def body():
-        from .export.api import export_run
-        from .runs import resolve_run
+        from .export import export_run
+        from .run import Run
 
         formats = [f for item in format_ for f in item.split(",") if f]
-        return export_run(resolve_run(run), formats, precision=precision, dynamic_batch=dynamic_batch, opset=opset,
+        return export_run(Run.open(run), formats, precision=precision, dynamic_batch=dynamic_batch, opset=opset,
                           max_parity_diff=max_parity_diff, min_top1=min_top1, max_latency_ms=max_latency_ms,
                           device=device)
 
@@ -159,11 +156,14 @@ def bench(targets: Optional[List[str]] = typer.Argument(None, help="run folders 
 
 
 @app.command()
-def validate(recipe: str = RecipeArg, set_: Optional[List[str]] = SetOpt, json_out: bool = JsonOpt):
+def validate(recipe: str = typer.Argument(..., help="recipe YAML file"), set_: Optional[List[str]] = SetOpt,
+             json_out: bool = JsonOpt):
     """Check a recipe (and overrides) without running anything; prints the resolved recipe."""
 
     def body():
-        r = _recipe(recipe, set_)
+        from .recipe import load_recipe
+
+        r = load_recipe(recipe, set_ or [])
         return {"recipe_hash": r.hash(), "name": r.name, "method": r.method.name, "resolved": r.model_dump(mode="json")}
 
     def human(doc):
@@ -213,13 +213,15 @@ def doctor(json_out: bool = JsonOpt):
 
 
 @app.command()
-def compare(recipe: str = RecipeArg,
+def compare(recipe: str = typer.Argument(..., help="recipe YAML file"),
             methods_: str = typer.Option("ce,kd,hcd", "--methods", help="comma-separated method names"),
             out: Optional[str] = OutOpt, set_: Optional[List[str]] = SetOpt, device: str = DeviceOpt,
             json_out: bool = JsonOpt):
     """Run one recipe once per method (same seed, data order, budget) and tabulate the results."""
 
     def body():
+        from pathlib import Path
+
         from .compare import compare as compare_fn
 
         names = [m.strip() for m in methods_.split(",") if m.strip()]

@@ -9,6 +9,10 @@ asks to train (``teacher.train_if_missing``) is trained once and shared by every
 
 Output folder: one run folder per method (``<out>/<method>/``), ``<out>/teacher/`` when a
 teacher was trained, and ``compare.json``, ``compare.md`` and ``compare.png``.
+
+A method whose student collapses (exit 6: ``train.collapse_verdict``) or fails keeps its row, marked
+with the reason; the chart draws the chance level, so a chance-level bar cannot pass for a result.
+The command exits 6 when any method collapsed or diverged, after writing the table.
 """
 from __future__ import annotations
 
@@ -18,10 +22,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import BadInput, DistillError, Interrupted
+from .errors import BadInput, Collapsed, Diverged, DistillError, Interrupted
 from .recipe import Recipe, apply_overrides, read_raw, suggest, validate_raw
-from .runs import (CHECKPOINT_FILE, METRICS_FILE, atomic_write_bytes, atomic_write_json, atomic_write_text,
-                   new_run_dir, read_jsonl)
+from .run import Run, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 JSON_FILE, TABLE_FILE, CHART_FILE = "compare.json", "compare.md", "compare.png"
 
@@ -77,9 +80,9 @@ def method_recipes(raw: dict, methods: list[str], overrides: list[str]) -> dict[
 # ----------------------------------------------------------------------------- measurements
 
 
-def _step_ms(run_dir: Path, batch_size: int) -> Optional[float]:
+def _step_ms(run: Run, batch_size: int) -> Optional[float]:
     """Median training step time from the run's logged throughput (the first interval, warm-up, skipped)."""
-    rates = [r["img_s"] for r in read_jsonl(Path(run_dir) / METRICS_FILE) if r.get("img_s")]
+    rates = [r["img_s"] for r in run.metrics_rows() if r.get("img_s")]
     if len(rates) > 1:
         rates = rates[1:]
     if not rates:
@@ -87,7 +90,7 @@ def _step_ms(run_dir: Path, batch_size: int) -> Optional[float]:
     return 1000.0 * batch_size / statistics.median(rates)
 
 
-def _row(name: str, recipe: Recipe, dropped: list[str], res: dict) -> dict:
+def _row(name: str, recipe: Recipe, dropped: list[str], res: dict, run: Run) -> dict:
     m = res.get("metrics") or {}
     timings = res.get("timings") or {}
     return {
@@ -97,7 +100,7 @@ def _row(name: str, recipe: Recipe, dropped: list[str], res: dict) -> dict:
         "top5": m.get("student_top5"),
         "teacher_top1": m.get("teacher_top1"),
         "train_s": timings.get("train_s"),
-        "step_ms": _step_ms(Path(res["run_dir"]), recipe.data.batch_size),
+        "step_ms": _step_ms(run, recipe.data.batch_size),
         "extra_train_params": res.get("extra_train_params"),
         "run_dir": res.get("run_dir"),
         "recipe_hash": recipe.hash(),
@@ -132,7 +135,9 @@ def render_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         if r["status"] != "ok":
-            cells = [r["method"], "failed: " + r.get("error", "")] + [""] * (len(head) - 2)
+            what = "COLLAPSED" if r["status"] == "collapsed" else ("DIVERGED" if r["status"] == "diverged"
+                                                                     else "failed")
+            cells = [r["method"], f"{what}: " + r.get("error", "")[:300]] + [""] * (len(head) - 2)
         else:
             cells = [r["method"], _fmt(r["top1"], "pct"), _fmt(r["top5"], "pct"), _fmt(r["train_s"], "s"),
                      _fmt(r["step_ms"], "ms"), _fmt(r["extra_train_params"], "params")]
@@ -142,23 +147,24 @@ def render_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def render_chart(rows: list[dict], title: str) -> bytes:
+def render_chart(rows: list[dict], title: str, num_classes: Optional[int] = None) -> bytes:
     """PNG bar chart of top-1 and top-5 per method (Agg canvas: no display, no global backend change)."""
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    ok = [r for r in rows if r["status"] == "ok" and r.get("top1") is not None]
-    names = [r["method"] for r in ok]
-    top1 = [100 * r["top1"] for r in ok]
-    top5 = [100 * (r["top5"] or 0) for r in ok]
+    ok = [r for r in rows if r.get("top1") is not None or r["status"] in ("collapsed", "diverged")]
+    names = [r["method"] if r["status"] == "ok" else f"{r['method']}\n{r['status'].upper()}" for r in ok]
+    top1 = [100 * (r.get("top1") or 0) for r in ok]
+    top5 = [100 * (r.get("top5") or 0) for r in ok]
     fig = Figure(figsize=(max(4.0, 1.1 * len(ok) + 2), 3.6), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     xs = range(len(ok))
     w = 0.38
-    b1 = ax.bar([x - w / 2 for x in xs], top1, w, label="top-1")
+    colors = ["tab:blue" if r["status"] == "ok" else "tab:red" for r in ok]
+    b1 = ax.bar([x - w / 2 for x in xs], top1, w, label="top-1", color=colors)
     ax.bar([x + w / 2 for x in xs], top5, w, label="top-5", alpha=0.6)
     for rect, v in zip(b1, top1):
         ax.annotate(f"{v:.1f}", (rect.get_x() + rect.get_width() / 2, rect.get_height()), ha="center",
@@ -166,6 +172,9 @@ def render_chart(rows: list[dict], title: str) -> bytes:
     teacher = next((r["teacher_top1"] for r in ok if r.get("teacher_top1") is not None), None)
     if teacher is not None:
         ax.axhline(100 * teacher, color="gray", linestyle="--", linewidth=1, label=f"teacher {100 * teacher:.1f}")
+    if num_classes:
+        ax.axhline(100 / num_classes, color="tab:red", linestyle=":", linewidth=1,
+                   label=f"chance {100 / num_classes:.1f}")
     ax.set_xticks(list(xs))
     ax.set_xticklabels(names)
     ax.set_ylabel("accuracy (%)")
@@ -191,40 +200,59 @@ def compare(recipe_path: str, methods: list[str], overrides: list[str], out_dir:
     ``run_dir`` and the ``artifacts`` (json, table, chart). A method that fails is reported in its
     row and the others still run; if every method fails the first error is raised.
     """
-    from .pipeline import distill_run, ensure_teacher
+    from . import flows
+    from .run import runs_dir, safe_name
 
     names = _check_methods(list(methods))
     raw = read_raw(recipe_path)
     recipes = method_recipes(raw, names, list(overrides or []))  # every recipe valid before any training
     first = next(iter(recipes.values()))[0]
-    out = new_run_dir(f"compare-{first.name}", str(out_dir) if out_dir else None)
-    busy = [n for n in names if (out / n / CHECKPOINT_FILE).is_file()]
-    if busy:
-        raise BadInput(f"{out} already holds runs for {', '.join(busy)}; choose another --out")
+    if out_dir:
+        out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise BadInput(f"--out {out} exists and is not a folder")
+        busy = [n for n in names if Run.is_run(out / n) or (out / n).exists()]
+        if busy:
+            raise BadInput(f"{out} already holds runs for {', '.join(busy)}; choose another --out")
+    else:
+        out = runs_dir() / f"compare-{safe_name(first.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    runs = {n: Run.new(recipes[n][0], out / n) for n in names}  # checks every folder before any work
 
     # one teacher for every method (trained here once if the recipe asks for that)
     with_teacher = [n for n in names if recipes[n][0].teacher is not None]
     teacher_res = None
-    if with_teacher:
-        shared, teacher_res = ensure_teacher(recipes[with_teacher[0]][0], out, device=device, progress=progress)
+    if with_teacher and flows.needs_teacher_training(recipes[with_teacher[0]][0]):
+        teacher, teacher_res = flows.train_teacher(out / "teacher", recipes[with_teacher[0]][0], device=device,
+                                                   progress=progress, label="teacher")
         for n in with_teacher:
             r, dropped = recipes[n]
-            recipes[n] = (r.model_copy(update={"teacher": shared.teacher}), dropped)
+            recipes[n] = (flows.with_teacher_weights(r, teacher.student_weights), dropped)
+            runs[n] = Run.new(recipes[n][0], out / n)
 
     rows, errors = [], []
+    num_classes = None
     t_start = time.perf_counter()
-    for n in names:
+    for i, n in enumerate(names):
         recipe, dropped = recipes[n]
         try:
-            res = distill_run(recipe, out / n, device=device, progress=progress)
+            res = flows.execute("distill", runs[n], lambda r: flows.distill_run(
+                r, device=device, progress=progress, label=f"{n} {i + 1}/{len(names)}"), device=device)
         except (Interrupted, KeyboardInterrupt):
             raise
         except DistillError as err:
             errors.append(err)
-            rows.append({"method": n, "status": "error", "error": err.message, "exit_code": err.exit_code,
-                         "run_dir": str(out / n), "dropped_params": dropped})
+            status = "collapsed" if isinstance(err, Collapsed) else (
+                "diverged" if isinstance(err, Diverged) else "error")
+            row = {"method": n, "status": status, "error": err.message, "exit_code": err.exit_code,
+                   "run_dir": str(out / n), "dropped_params": dropped}
+            if isinstance(err.details, dict):
+                hist = err.details.get("history") or []
+                row["top1"] = hist[-1] if hist else None
+                num_classes = num_classes or err.details.get("num_classes")
+            rows.append(row)
             continue
-        rows.append(_row(n, recipe, dropped, res))
+        num_classes = num_classes or res.get("num_classes")
+        rows.append(_row(n, recipe, dropped, res, runs[n]))
     if errors and len(errors) == len(names):
         raise errors[0]
 
@@ -241,12 +269,17 @@ def compare(recipe_path: str, methods: list[str], overrides: list[str], out_dir:
                      "teacher": ref.teacher.model if ref.teacher else None, "epochs": ref.train.epochs,
                      "batch_size": ref.data.batch_size, "device": device},
         "teacher_run": teacher_res.get("run_dir") if teacher_res else None,
+        "num_classes": num_classes,
         "rows": rows,
         "table": table,
         "total_s": time.perf_counter() - t_start,
         "artifacts": {"json": str(out / JSON_FILE), "table": str(out / TABLE_FILE), "chart": str(out / CHART_FILE)},
     }
     atomic_write_text(out / TABLE_FILE, f"# {title}\n\n{table}\n")
-    atomic_write_bytes(out / CHART_FILE, render_chart(rows, title))
+    atomic_write_bytes(out / CHART_FILE, render_chart(rows, title, num_classes))
     atomic_write_json(out / JSON_FILE, doc)
+    broken = [r for r in rows if r["status"] in ("collapsed", "diverged")]
+    if broken:
+        raise Diverged("compare: " + "; ".join(f"{r['method']} {r['status']} ({r['error'][:160]})" for r in broken)
+                       + f". The table marks them; see {out / TABLE_FILE}", details=doc)
     return doc

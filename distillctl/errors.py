@@ -42,9 +42,13 @@ class ExportFailed(DistillError):
 
 
 class Diverged(DistillError):
-    """NaN or Inf loss; the last good checkpoint is kept."""
+    """NaN, Inf or exploding loss; the last good checkpoint, if any, is kept."""
 
     exit_code = 6
+
+
+class Collapsed(Diverged):
+    """The student ended at chance level while its teacher is far above it (``train.collapse_verdict``)."""
 
 
 class Interrupted(DistillError):

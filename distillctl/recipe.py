@@ -81,6 +81,12 @@ class TrainConfig(_Strict):
     deterministic: bool = False
     log_every: int = Field(20, ge=1)
     max_steps_per_epoch: Optional[int] = Field(None, ge=1)
+    accumulate: int = Field(1, ge=1, description="micro-batches per optimizer step; lr is per effective batch "
+                                                 "(data.batch_size x accumulate x processes)")
+    best_metric: Literal["top1", "top5"] = Field("top1", description="validation metric that picks the best epoch")
+    export_weights: Literal["best", "last"] = Field("best", description="which epoch's student is exported")
+    early_stop_patience: Optional[int] = Field(None, ge=1, description="stop after this many epochs without a "
+                                                                       "best_metric gain")
 
 
 class TeacherConfig(ModelConfig):

@@ -1,100 +1,52 @@
-"""The training loop: precision, EMA, checkpoints, resume, signals, DDP.
+"""The training loop: one ``train_step`` and a ``fit`` that orchestrates epochs, checks and checkpoints.
 
-One loop serves supervised training (method ``ce``, no teacher) and every distillation
-method: it calls ``method(xs, xt, y) -> (logits, {"loss_<term>": tensor})``, sums the
-dict, steps, and logs each term. Checkpoints are written atomically at the end of every
-epoch and on SIGINT/SIGTERM; a NaN/Inf loss stops the run with the last good checkpoint
-left in place.
+One loop serves supervised training (method ``ce``, no teacher) and every distillation method:
+``method(xs, xt, y) -> (logits, {"loss_<term>": tensor})``; the step sums the dict, steps, and the
+loop logs each term. ``fit`` checkpoints atomically at the end of every epoch and on SIGINT/SIGTERM,
+keeps the best epoch's student weights, and stops with a documented error when training goes wrong:
+a non-finite or exploding loss (``Diverged``), or a student that ends near chance while its teacher
+is far above it (``Collapsed``). The rule is in ``collapse_verdict``.
 """
 from __future__ import annotations
 
+import logging
 import math
-import os
 import random
 import signal
-import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import BadInput, Diverged, Interrupted, MissingCapability
+from .device import Dist
+from .errors import BadInput, Collapsed, Diverged, Interrupted
 from .recipe import TrainConfig
-from .runs import CHECKPOINT_FILE, METRICS_FILE, append_jsonl, temp_path_for
 
+log = logging.getLogger("distillctl")
 
-# ----------------------------------------------------------------------------- devices / DDP
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda when present else cpu; cuda asked for but absent is exit 4."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise MissingCapability("--device cuda was asked for but no CUDA device is visible to torch "
-                                    f"(torch {torch.__version__}); use --device cpu or install a CUDA build of torch")
-        return torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise BadInput(f"--device must be auto, cpu or cuda, got {name!r}")
-
-
-def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
-    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist(), device
-    import torch.distributed as td
-
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    if not td.is_initialized():
-        td.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, local), device
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    else:
-        torch.backends.cudnn.benchmark = True
+# A logged loss this many times its first logged value (and above 10) is an explosion, not noise:
+# normal training lowers the loss; the ramps of DKD's warm-up stay far below this.
+EXPLODE_FACTOR = 100.0
 
 
 # ----------------------------------------------------------------------------- optimisation
 
 
-def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # no weight decay on norms and biases (1-d tensors)
-    decay = [p for p in params if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in params if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def build_optimizer(method: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """timm's optimizer factory: no weight decay on biases, norms and what the model lists in no_weight_decay()."""
+    from .compat import import_timm
+
+    import_timm()
+    from timm.optim import create_optimizer_v2
+
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        opt = "sgd" if cfg.nesterov and cfg.momentum > 0 else "momentum"
+        return create_optimizer_v2(method, opt=opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    return create_optimizer_v2(method, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -139,7 +91,122 @@ def evaluate(model: nn.Module, batches, view: nn.Module, device: torch.device, a
     return {"top1": correct1 / max(1, n), "top5": correct5 / max(1, n), "n": n}
 
 
-# ----------------------------------------------------------------------------- checkpoints
+def collapse_verdict(student_top1: float, teacher_top1: Optional[float], num_classes: int) -> Optional[str]:
+    """Why a distilled student counts as collapsed, or None.
+
+    Collapsed: the teacher is far above chance (at least a quarter of the way from chance to 100 %)
+    and the student recovered less than a tenth of the teacher's margin over chance. Supervised runs
+    (no teacher) are never judged by this rule.
+    """
+    if teacher_top1 is None or num_classes < 2:
+        return None
+    chance = 1.0 / num_classes
+    if teacher_top1 < chance + 0.25 * (1 - chance):
+        return None
+    if student_top1 - chance < 0.1 * (teacher_top1 - chance):
+        return (f"student top-1 {student_top1:.4f} is at chance level ({chance:.4f}) while the teacher reaches "
+                f"{teacher_top1:.4f}")
+    return None
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+@dataclass
+class Step:
+    """Everything one optimisation step needs; ``make_step`` builds it, ``train_step`` runs it."""
+
+    method: nn.Module  # the Distiller (its student and training-only modules)
+    model: nn.Module  # what is called: the method, or its DDP / compiled wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    student_view: nn.Module
+    teacher_view: Optional[nn.Module]
+    device: torch.device
+    amp: Callable = nullcontext
+    grad_clip: Optional[float] = None
+    channels_last: bool = False
+    ema: Optional[nn.Module] = None
+    mix: Optional[Callable] = None  # (x01, y) -> (x01, y_soft): Mixup/CutMix on the [0, 1] batch
+    params: list = field(default_factory=list)
+
+
+def make_step(method: nn.Module, cfg: TrainConfig, *, device: torch.device, student_view: nn.Module,
+              teacher_view: Optional[nn.Module], steps_per_epoch: int, dist: Dist = Dist(),
+              mix: Optional[Callable] = None) -> Step:
+    """Optimizer (timm), schedule, scaler, EMA and wrappers for ``method`` on ``device``."""
+    cuda = device.type == "cuda"
+    if cuda and cfg.channels_last:
+        method.to(memory_format=torch.channels_last)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if cuda else None
+    amp = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else nullcontext
+    opt = build_optimizer(method, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch))
+    ema = None
+    if cfg.ema:
+        from .compat import import_timm
+
+        import_timm()
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(method.student, decay=cfg.ema_decay)
+    model = method
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # only the student and its training-only modules: the teacher is not part of `method`
+        model = DDP(method, device_ids=[device.index] if cuda else None, find_unused_parameters=True)
+    if cfg.compile:
+        model = torch.compile(model)
+    has_teacher = getattr(method, "teacher", None) is not None and teacher_view is not None
+    return Step(method=method, model=model, optimizer=opt, scheduler=sched,
+                scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
+                student_view=student_view, teacher_view=teacher_view if has_teacher else None, device=device,
+                amp=amp, grad_clip=cfg.grad_clip, channels_last=cuda and cfg.channels_last, ema=ema, mix=mix,
+                params=[p for p in method.parameters() if p.requires_grad])
+
+
+def train_step(s: Step, batches: list[tuple[torch.Tensor, torch.Tensor]], global_step: int = 0):
+    """One optimizer step over ``batches`` (gradient accumulation when there are several).
+
+    Returns ``(loss, losses)``: the mean total and the mean of each term over the micro-batches, as
+    detached device tensors (no host sync here).
+    """
+    n = len(batches)
+    s.optimizer.zero_grad(set_to_none=True)
+    total = None
+    sums: dict = {}
+    for i, (x, y) in enumerate(batches):
+        x, y = x.to(s.device, non_blocking=True), y.to(s.device, non_blocking=True)
+        if s.mix is not None:
+            x, y = s.mix(x, y)
+        if s.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        xs = s.student_view(x)  # both networks see the same (augmented, mixed) crop
+        xt = s.teacher_view(x) if s.teacher_view is not None else None
+        # DDP: reduce gradients once, on the last micro-batch
+        sync = s.model.no_sync() if i < n - 1 and hasattr(s.model, "no_sync") else nullcontext()
+        with sync:
+            with s.amp():
+                _, losses = s.model(xs, xt, y)
+                loss = sum(losses.values())
+            s.scaler.scale(loss / n).backward()
+        total = loss.detach().float() if total is None else total + loss.detach().float()
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
+    if s.grad_clip:
+        s.scaler.unscale_(s.optimizer)
+        torch.nn.utils.clip_grad_norm_(s.params, s.grad_clip)
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    s.scheduler.step()
+    if s.ema is not None:
+        s.ema.update(s.method.student, step=global_step)
+    return total / n, {k: v / n for k, v in sums.items()}
+
+
+# ----------------------------------------------------------------------------- checkpoint state
 
 
 def _rng_state() -> dict:
@@ -161,19 +228,6 @@ def _set_rng_state(st: dict) -> None:
 
 def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = temp_path_for(path)
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise BadInput(f"cannot read checkpoint {path}: {err}") from None
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -204,171 +258,206 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def _progress(enabled: bool, total: int, desc: str):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+@dataclass
+class Checks:
+    """What ``fit`` judges a run by: the teacher's accuracy (for the collapse rule) and the class count."""
 
-    from rich.console import Console
-
-    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    TextColumn("{task.fields[info]}"), console=Console(stderr=True), transient=True)
-    prog.start()
-    prog.add_task(desc, total=total, info="")
-    return prog
+    num_classes: int
+    teacher_top1: Optional[float] = None
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+def fit(method: nn.Module, data, cfg: TrainConfig, *, run, device: torch.device, student_view: nn.Module,
+        teacher_view: Optional[nn.Module], dist: Dist = Dist(), resume: bool = False, progress=None,
+        checks: Optional[Checks] = None, tracker=None, mix: Optional[Callable] = None) -> dict:
+    """Train ``method`` (a Distiller) for ``cfg.epochs`` in ``run`` (a ``distillctl.run.Run``).
 
+    Returns the final validation metrics, the weights to export (the best epoch's by default) and
+    what was chosen. Raises Diverged, Collapsed (exit 6) and Interrupted (exit 130).
+    """
+    from .progress import Progress
 
-def fit(method: nn.Module, data, cfg: TrainConfig, *, run_dir: Path, device: torch.device,
-        student_view: nn.Module, teacher_view: Optional[nn.Module], dist: Dist = Dist(),
-        resume: bool = False, show_progress: bool = False, recipe_hash: str = "") -> dict:
-    """Train ``method`` (a Distiller) for ``cfg.epochs``; returns final validation metrics."""
     student = method.student
-    ckpt_path = Path(run_dir) / CHECKPOINT_FILE
-    metrics_path = Path(run_dir) / METRICS_FILE
-    use_cuda = device.type == "cuda"
-    if use_cuda and cfg.channels_last:
-        method.to(memory_format=torch.channels_last)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if use_cuda else None
-    amp = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else nullcontext
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-
-    params = list(method.parameters())
-    opt = build_optimizer(params, cfg)
-    steps = len(data.train)
+    checks = checks or Checks(num_classes=getattr(getattr(method, "pair", None), "num_classes", 0) or 0)
+    accumulate = max(1, cfg.accumulate)
+    steps = len(data.train) // accumulate or 1
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps))
-    ema = None
-    if cfg.ema:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(student, decay=cfg.ema_decay)
-    eval_model = lambda: ema.module if ema is not None else student  # noqa: E731
+    s = make_step(method, cfg, device=device, student_view=student_view, teacher_view=teacher_view,
+                  steps_per_epoch=steps, dist=dist, mix=mix)
+    eval_model = (lambda: s.ema.module) if s.ema is not None else (lambda: student)
+    amp_eval = s.amp
 
     start_epoch, start_step, global_step = 0, 0, 0
-    if resume and ckpt_path.is_file():
-        st = load_checkpoint(ckpt_path)
-        if recipe_hash and st.get("recipe_hash") not in (None, recipe_hash):
-            raise BadInput(f"{ckpt_path} was written for recipe {st.get('recipe_hash')}, not {recipe_hash}: "
-                           "resume with the same recipe and --set overrides")
+    best = {"epoch": None, "metric": cfg.best_metric, "value": None}
+    first_loss = None
+    history: list[float] = []  # validation top-1 per epoch
+    if resume and run.has_checkpoint():
+        st = run.load_checkpoint()
+        if st.get("recipe_hash") not in (None, *run.accepted_hashes()):
+            raise BadInput(f"{run.checkpoint_file} was written for recipe {st.get('recipe_hash')}, not this run's "
+                           f"{run.recipe.hash()}: resume the run with its own recipe")
         method.load_state_dict({**{f"student.{k}": v for k, v in st["student"].items()},
                                 **st["training_modules"]})
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        scaler.load_state_dict(st["scaler"])
-        if ema is not None and st.get("ema") is not None:
-            ema.load_state_dict(st["ema"])
+        s.optimizer.load_state_dict(st["optimizer"])
+        s.scheduler.load_state_dict(st["scheduler"])
+        s.scaler.load_state_dict(st["scaler"])
+        if s.ema is not None and st.get("ema") is not None:
+            s.ema.load_state_dict(st["ema"])
         start_epoch, start_step, global_step = st["epoch"], st["step"], st["global_step"]
+        best = st.get("best") or best
+        first_loss = st.get("first_loss")
+        history = list(st.get("history") or [])
         _set_rng_state(st["rng"])
         if hasattr(data.train, "load_state"):
             data.train.load_state(st.get("data_rng"))
+        if dist.main:
+            dropped = run.truncate_metrics(start_epoch, global_step)
+            note = f", dropped {dropped} metrics rows logged after it" if dropped else ""
         if start_step >= steps:
             start_epoch, start_step = start_epoch + 1, 0
-        log(f"resumed from {ckpt_path}: epoch {start_epoch + 1}/{cfg.epochs}, step {start_step}")
+        if dist.main:
+            if start_epoch >= cfg.epochs:
+                log.info(f"resumed from {run.checkpoint_file}: all {cfg.epochs} epochs were already done{note}")
+            else:
+                log.info(f"resumed from {run.checkpoint_file}: epoch {start_epoch + 1}/{cfg.epochs}, "
+                         f"step {start_step}{note}")
+    elif resume and dist.main:
+        log.info(f"--resume: {run.root} has no checkpoint yet, so the run starts from the beginning")
+        run.clear_metrics()
 
     def checkpoint(epoch: int, step: int) -> None:
         if not dist.main:
             return
-        save_checkpoint(ckpt_path, {
+        run.save_checkpoint({
             "student": student.state_dict(),
             "training_modules": {k: v for k, v in method.state_dict().items() if not k.startswith("student.")},
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
+            "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
+            "scaler": s.scaler.state_dict(), "ema": s.ema.state_dict() if s.ema is not None else None,
             "epoch": epoch, "step": step, "global_step": global_step, "rng": _rng_state(),
             "data_rng": data.train.state() if hasattr(data.train, "state") else None,
-            "recipe_hash": recipe_hash,
+            "recipe_hash": run.recipe.hash(), "best": best, "first_loss": first_loss, "history": history,
         })
 
-    step_fn = method
-    if dist.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    def kept() -> str:
+        if run.has_checkpoint():
+            st_epoch = run.load_checkpoint()["epoch"] if dist.main else "?"
+            return f"the last good checkpoint ({st_epoch} epochs done) is kept at {run.checkpoint_file}"
+        return "no checkpoint had been written yet, so there is none to keep"
 
-        # only the student and its training-only modules: the teacher is not part of `method`
-        step_fn = DDP(method, device_ids=[device.index] if use_cuda else None, find_unused_parameters=True)
-    if cfg.compile:
-        step_fn = torch.compile(step_fn)
-
-    has_teacher = getattr(method, "teacher", None) is not None and teacher_view is not None
     bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last check
     last: dict = {}
     val: dict = {}
+    stopped_early = None
+    bar = progress or Progress(None)
+    bar.start(total=cfg.epochs * steps, done=start_epoch * steps + start_step)
     with _StopFlag() as stop:
         for epoch in range(start_epoch, cfg.epochs):
-            data.train.set_epoch(epoch, start_step)
+            data.train.set_epoch(epoch, start_step * accumulate)
             method.train()
-            prog = _progress(show_progress and dist.main, steps, f"epoch {epoch + 1}/{cfg.epochs}")
             t_log, n_log, n_steps_logged, sums = time.perf_counter(), 0, 0, {}
-            for step, (x, y) in enumerate(data.train, start=start_step):
-                if step >= steps:
+            it = iter(data.train)
+            for step in range(start_step, steps):
+                batches = []
+                for _ in range(accumulate):
+                    try:
+                        batches.append(next(it))
+                    except StopIteration:
+                        break
+                if not batches:
                     break
                 method.progress = epoch + step / steps
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if use_cuda and cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                xs = student_view(x)
-                xt = teacher_view(x) if has_teacher else None
-                with amp():
-                    _, losses = step_fn(xs, xt, y)
-                    loss = sum(losses.values())
-                bad |= ~torch.isfinite(loss.detach())  # no host sync here
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                if ema is not None:
-                    ema.update(student, step=global_step)
+                loss, losses = train_step(s, batches, global_step)
+                bad |= ~torch.isfinite(loss)  # no host sync here
                 global_step += 1
-                n_log += y.numel()
+                n_log += sum(int(y.shape[0]) for _, y in batches)
                 n_steps_logged += 1
                 for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().float()
-                sums["loss"] = sums.get("loss", 0.0) + loss.detach().float()
+                    sums[k] = sums.get(k, 0.0) + v
+                sums["loss"] = sums.get("loss", 0.0) + loss
                 done = step + 1
                 if done % cfg.log_every == 0 or done == steps or stop.signum:
                     if bad.item():  # host sync: once per log interval
-                        raise Diverged(f"non-finite loss at epoch {epoch + 1}, step {done}; the last good "
-                                       f"checkpoint is kept at {ckpt_path}. Lower train.lr or set train.grad_clip.")
+                        raise Diverged(f"non-finite loss at epoch {epoch + 1}, step {done}; {kept()}. "
+                                       "Lower train.lr or set train.grad_clip, then rerun or continue with "
+                                       "--resume --amend --set train.lr=...")
                     dt = time.perf_counter() - t_log
                     row = {"epoch": epoch + 1, "step": done, "global_step": global_step,
-                           "lr": opt.param_groups[0]["lr"], "img_s": n_log * dist.world_size / max(dt, 1e-9)}
+                           "lr": s.optimizer.param_groups[0]["lr"], "img_s": n_log * dist.world_size / max(dt, 1e-9)}
                     row.update({k: (v / n_steps_logged).item() for k, v in sums.items()})
                     last = row
+                    if first_loss is None:
+                        first_loss = row["loss"]
+                    elif row["loss"] > EXPLODE_FACTOR * max(first_loss, 0.1) and row["loss"] > 10:
+                        raise Diverged(f"the loss exploded at epoch {epoch + 1}, step {done}: {row['loss']:.4g} "
+                                       f"against {first_loss:.4g} at the start; {kept()}. Lower train.lr or set "
+                                       "train.grad_clip")
                     if dist.main:
-                        append_jsonl(metrics_path, row)
-                    if prog:
-                        prog.update(prog.task_ids[0], completed=done, info=f"loss {row['loss']:.3f}")
+                        run.append_metrics(row)
+                        if tracker is not None:
+                            tracker.log(row, global_step)
                     t_log, n_log, n_steps_logged, sums = time.perf_counter(), 0, 0, {}
-                elif prog:
-                    prog.update(prog.task_ids[0], completed=done)
+                    bar.update(epoch * steps + done, epoch=epoch + 1, epochs=cfg.epochs, row=row)
+                else:
+                    bar.update(epoch * steps + done)
                 if stop.signum:
-                    if prog:
-                        prog.stop()
+                    bar.stop()
                     checkpoint(epoch, done)
                     raise Interrupted(f"interrupted by signal {stop.signum} at epoch {epoch + 1}, step {done}; "
-                                      f"checkpoint written to {ckpt_path}. Continue with --resume.")
+                                      f"checkpoint written to {run.checkpoint_file}. Continue with --resume.")
             start_step = 0
-            if prog:
-                prog.stop()
             if dist.main:
-                val = evaluate(eval_model(), data.val, student_view, device, amp())
+                val = evaluate(eval_model(), data.val, student_view, device, amp_eval())
+                history.append(val["top1"])
                 row = {"epoch": epoch + 1, "global_step": global_step, "top1": val["top1"], "top5": val["top5"],
-                       "lr": opt.param_groups[0]["lr"]}
-                append_jsonl(metrics_path, row)
+                       "lr": s.optimizer.param_groups[0]["lr"]}
+                run.append_metrics(row)
+                if tracker is not None:
+                    tracker.log(row, global_step)
                 terms = " ".join(f"{k}={v:.4f}" for k, v in last.items() if k.startswith("loss"))
-                log(f"epoch {epoch + 1}/{cfg.epochs} {terms} top1={val['top1']:.4f} top5={val['top5']:.4f} "
-                    f"img/s={last.get('img_s', 0):.0f}")
+                bar.note(f"epoch {epoch + 1}/{cfg.epochs} {terms} top1={val['top1']:.4f} top5={val['top5']:.4f} "
+                         f"img/s={last.get('img_s', 0):.0f}")
+                value = val[cfg.best_metric]
+                if best["value"] is None or value > best["value"]:
+                    best = {"epoch": epoch + 1, "metric": cfg.best_metric, "value": value}
+                    run.save_best(eval_model(), {"epoch": epoch + 1, cfg.best_metric: value})
+                # a student that learned and then fell back to chance is not worth more epochs
+                verdict = collapse_verdict(val["top1"], checks.teacher_top1, checks.num_classes)
+                if verdict and (epoch + 1 == cfg.epochs or
+                                any(collapse_verdict(h, checks.teacher_top1, checks.num_classes) is None
+                                    for h in history[:-1])):
+                    good = collapse_verdict(best["value"], checks.teacher_top1, checks.num_classes) is None \
+                        if best["metric"] == "top1" else False
+                    where = (f"the last good weights are {run.best_file} (epoch {best['epoch']}, top-1 "
+                             f"{best['value']:.4f})" if good else "no epoch was above chance, so there is no good "
+                                                                  "checkpoint to keep")
+                    # checkpoint.pt stays at the previous epoch: the collapsed state is not written over it
+                    raise Collapsed(f"training collapsed at epoch {epoch + 1}: {verdict}; {where}. The student "
+                                    "was not exported. Check the recipe (lower train.lr, train.grad_clip, the "
+                                    "method's loss weights)", details={"history": history, "best": best,
+                                                                   "num_classes": checks.num_classes})
+                if cfg.early_stop_patience and best["epoch"] is not None and \
+                        epoch + 1 - best["epoch"] >= cfg.early_stop_patience:
+                    stopped_early = epoch + 1
             checkpoint(epoch + 1, 0)
             if dist.world_size > 1:
                 torch.distributed.barrier()
+            if stopped_early:
+                bar.note(f"early stop after epoch {stopped_early}: no {cfg.best_metric} gain for "
+                         f"{cfg.early_stop_patience} epochs (best {best['value']:.4f} at epoch {best['epoch']})")
+                break
+    bar.stop()
     if not val and dist.main:  # resumed a finished run
-        val = evaluate(eval_model(), data.val, student_view, device, amp())
-    return {"top1": val.get("top1"), "top5": val.get("top5"), "eval_model": eval_model(),
-            "img_s": last.get("img_s")}
+        val = evaluate(eval_model(), data.val, student_view, device, amp_eval())
+    exported = eval_model()
+    chosen = {"weights": "last", "epoch": len(history) or None}
+    if cfg.export_weights == "best" and best["epoch"] is not None and dist.main:
+        sd = run.load_best()
+        if sd is not None and best["epoch"] != len(history):
+            import copy
+
+            exported = copy.deepcopy(eval_model())
+            exported.load_state_dict(sd, strict=True)
+            val = evaluate(exported, data.val, student_view, device, amp_eval())
+        chosen = {"weights": "best", "epoch": best["epoch"], "metric": best["metric"], "value": best["value"]}
+    return {"top1": val.get("top1"), "top5": val.get("top5"), "eval_model": exported, "img_s": last.get("img_s"),
+            "chosen": chosen, "early_stopped_at": stopped_early, "history": history}

@@ -19,9 +19,6 @@ def in_tmp(tmp_path, monkeypatch):
     """Run inside a temporary folder so runs/ and runs/latest land there."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DISTILLCTL_RUNS", raising=False)
-    import distillctl.runs as runs
-
-    monkeypatch.setattr(runs, "RUNS_DIR", Path("runs"))
     return tmp_path
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 from distillctl.errors import BadInput, MissingCapability
 from distillctl.export import trt as trt_format
-from distillctl.export.bench import BENCH_JSON, BENCH_PNG, run_bench, summarize
-from distillctl.export.card import CURVES_PNG, write_model_card
+from distillctl.export.bench import run_bench, summarize
+from distillctl.run import BENCH_JSON, BENCH_PNG, CURVES_PNG, Run
+from distillctl.export.card import write_model_card
 
 try:
     from exportkit import make_run, read_json, tiny_recipe, write_onnx
@@ -106,10 +106,10 @@ def test_summarize_numbers():
 
 
 def test_model_card(bench, run):
-    from distillctl.runs import atomic_write_json
+    from distillctl.run import atomic_write_json
 
     atomic_write_json(run / BENCH_JSON, bench)  # other tests here re-bench the same run
-    card = write_model_card(run).read_text()
+    card = write_model_card(Run.open(run)).read_text()
     assert "# resnet18" in card and "`ce`" in card
     assert "| torch | torch-cpu | 1 |" in card and "| onnxruntime | CPUExecutionProvider | 4 |" in card
     assert "Hardware:" in card and f"![latency]({BENCH_PNG})" in card

@@ -112,10 +112,10 @@ def _wait_for(pred, timeout=240, proc=None):
 
 
 def _ckpt_epoch(run):
-    from distillctl.train import load_checkpoint
+    from distillctl.run import Run
 
     try:
-        return load_checkpoint(run / "checkpoint.pt")["epoch"]
+        return Run(run).load_checkpoint()["epoch"]
     except Exception:
         return -1
 
@@ -158,9 +158,9 @@ def test_sigterm_writes_checkpoint_and_exits_130(tmp_path, teacher_weights):
     assert p.returncode == 130, err
     doc = json.loads(out)
     assert doc["exit_code"] == 130 and "--resume" in doc["error"]
-    from distillctl.train import load_checkpoint
+    from distillctl.run import Run
 
-    st = load_checkpoint(run / "checkpoint.pt")
+    st = Run(run).load_checkpoint()
     assert st["step"] > 0 or st["epoch"] > 0
     assert json.loads((run / "manifest.json").read_text())["status"] == "interrupted"
 

@@ -5,12 +5,11 @@ import shutil
 
 import onnx
 import pytest
-import torch
 
 from distillctl.errors import BadInput, MissingCapability
 from distillctl.evaluate import evaluate_target
 from distillctl.export import trt as trt_format
-from distillctl.runs import RECIPE_FILE, set_latest
+from distillctl.run import RECIPE_FILE, set_latest
 
 try:
     from exportkit import make_run, tiny_recipe, write_onnx
@@ -51,9 +50,7 @@ def test_every_target_kind_scores_the_same(run, reference, rel, fmt):
 
 
 def test_default_target_is_runs_latest(run, reference, tmp_path, monkeypatch):
-    import distillctl.runs as runs
-
-    monkeypatch.setattr(runs, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.setenv("DISTILLCTL_RUNS", str(tmp_path / "runs"))
     set_latest(run)
     res = evaluate_target(None, device="cpu")
     assert res["format"] == "torch" and res["metrics"] == reference["metrics"]

@@ -13,9 +13,9 @@ import torch
 from distillctl.compat import import_timm
 from distillctl.errors import BadInput, GateFailed
 from distillctl.export import onnx as onnx_format
-from distillctl.export.api import EXPORT_JSON, export_run
+from distillctl.export import export_run
 from distillctl.export.fp16 import convert_float_to_float16
-from distillctl.export.student import load_student
+from distillctl.run import EXPORT_JSON, Run, load_student_folder
 
 try:
     from exportkit import make_run, read_json, tiny_recipe
@@ -30,7 +30,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(run):
-    return export_run(run, ["safetensors", "onnx"], dynamic_batch="1:8:32", device="cpu")
+    return export_run(Run.open(run), ["safetensors", "onnx"], dynamic_batch="1:8:32", device="cpu")
 
 
 def test_onnx_fp32_parity_on_digits(exported):
@@ -86,7 +86,7 @@ def test_onnx_is_one_file_with_metadata_and_dynamic_batch(exported, run):
 
 @pytest.mark.parametrize("batch", [1, 7])
 def test_dynamic_batch_matches_torch(exported, run, batch):
-    student, _ = load_student(run / "student")
+    student, _ = load_student_folder(run / "student")
     x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
     with torch.no_grad():
         ref = student(x).numpy()
@@ -130,7 +130,7 @@ def test_gates_beyond_the_artifact_fail_with_exit_3(exported, run, tmp_path, cap
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("export", EXPORT_JSON))
     with pytest.raises(GateFailed) as info:
-        export_run(copy, ["onnx"], max_parity_diff=1e-9, max_latency_ms=1e-4,
+        export_run(Run.open(copy), ["onnx"], max_parity_diff=1e-9, max_latency_ms=1e-4,
                    min_top1=min(1.0, exported["metrics"]["student_top1"] + 0.05), device="cpu")
     assert capfd.readouterr().out == ""  # stdout belongs to --json: exporters and ORT print nothing there
     err = info.value
@@ -144,16 +144,19 @@ def test_gates_beyond_the_artifact_fail_with_exit_3(exported, run, tmp_path, cap
                       ("parity max_abs_diff", "onnx_fp16"), ("top1", "onnx_fp16")}
     bounds = {g["artifact"]: g["limit"] for g in doc["gates"] if g["gate"] == "parity max_abs_diff"}
     assert bounds["onnx"] == 1e-9 and bounds["onnx_fp16"] == pytest.approx(2e-7)
-    assert (copy / "export" / "model.onnx").is_file()
+    # a failing artifact never keeps its final name: it is kept for inspection as *.failed.*
+    assert not (copy / "export" / "model.onnx").exists() and (copy / "export" / "model.failed.onnx").is_file()
+    assert doc["failed_artifacts"]["onnx"].endswith("model.failed.onnx") and "onnx" not in doc["artifacts"]
+    assert not list((copy / "export").glob("*.staged.*")) and not list((copy / "export").glob(".*tmp*"))
 
 
 def test_min_top1_gate_on_safetensors_only(run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("export", EXPORT_JSON))
-    res = export_run(copy, ["safetensors"], min_top1=0.0, device="cpu")
-    assert res["status"] == "ok" and list(res["artifacts"]) == ["safetensors"]
+    res = export_run(Run.open(copy), ["safetensors"], min_top1=0.0, device="cpu")
+    assert res["status"] == "ok" and list(res["artifacts"]) == ["safetensors", "model_card"]
     with pytest.raises(GateFailed):
-        export_run(copy, ["safetensors"], min_top1=1.0, device="cpu")
+        export_run(Run.open(copy), ["safetensors"], min_top1=1.0, device="cpu")
 
 
 @pytest.mark.parametrize("kwargs, needle", [
@@ -164,7 +167,7 @@ def test_min_top1_gate_on_safetensors_only(run, tmp_path):
 ])
 def test_bad_options_are_exit_2(run, kwargs, needle):
     with pytest.raises(BadInput) as info:
-        export_run(run, **kwargs)
+        export_run(Run.open(run), **kwargs)
     assert info.value.exit_code == 2 and needle in info.value.message
 
 

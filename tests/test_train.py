@@ -8,8 +8,21 @@ import torch
 from distillctl.errors import Diverged
 from distillctl.methods.base import Distiller, MethodConfig, PairInfo
 from distillctl.models import InputView
-from distillctl.recipe import DataConfig, TrainConfig
-from distillctl.train import fit, load_checkpoint, lr_factor
+from distillctl.recipe import DataConfig, TrainConfig, validate_raw
+from distillctl.run import Run
+from distillctl.train import fit, lr_factor
+
+
+def _run(path) -> Run:
+    """A run folder for fit (fit takes its checkpoint, metrics and best weights from it)."""
+    recipe = validate_raw({"student": {"model": "test_resnet"}, "method": {"name": "ce"}})
+    run = Run(path, recipe)
+    run.create("train")
+    return run
+
+
+def load_checkpoint(path) -> dict:
+    return Run(Path(path).parent).load_checkpoint()
 
 
 def test_lr_warmup_then_cosine_to_floor():
@@ -64,7 +77,7 @@ def test_divergence_exits_6_and_keeps_last_good_checkpoint(tmp_path):
     data, method, cfg, view = _setup(tmp_path)
     method.at = 1.5  # diverges half way through the second epoch
     with pytest.raises(Diverged) as e:
-        fit(method, data, cfg, run_dir=tmp_path, device=torch.device("cpu"), student_view=view, teacher_view=None)
+        fit(method, data, cfg, run=_run(tmp_path), device=torch.device("cpu"), student_view=view, teacher_view=None)
     assert e.value.exit_code == 6
     st = load_checkpoint(tmp_path / "checkpoint.pt")
     assert st["epoch"] == 1 and st["step"] == 0  # written after epoch 1, never overwritten
@@ -76,7 +89,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     a.mkdir(), c.mkdir()
     data, method, cfg, view = _setup(a)
     method.at = 99
-    fit(method, data, cfg, run_dir=a, device=torch.device("cpu"), student_view=view, teacher_view=None)
+    fit(method, data, cfg, run=_run(a), device=torch.device("cpu"), student_view=view, teacher_view=None)
     full = method.student.state_dict()
 
     class Stop(Exception):
@@ -94,11 +107,11 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
 
     method.forward = forward
     with pytest.raises(Stop):
-        fit(method, data, cfg, run_dir=c, device=torch.device("cpu"), student_view=view, teacher_view=None)
+        fit(method, data, cfg, run=_run(c), device=torch.device("cpu"), student_view=view, teacher_view=None)
     assert load_checkpoint(c / "checkpoint.pt")["epoch"] == 1
     data, method, cfg, view = _setup(c)
     method.at = 99
-    fit(method, data, cfg, run_dir=c, device=torch.device("cpu"), student_view=view, teacher_view=None, resume=True)
+    fit(method, data, cfg, run=_run(c), device=torch.device("cpu"), student_view=view, teacher_view=None, resume=True)
     resumed = method.student.state_dict()
     for k in full:
         assert torch.allclose(full[k].float(), resumed[k].float(), atol=1e-6), k

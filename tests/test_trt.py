@@ -9,7 +9,8 @@ import torch
 
 from distillctl.errors import MissingCapability
 from distillctl.export import trt as trt_format
-from distillctl.export.api import export_run
+from distillctl.export import export_run
+from distillctl.run import Run
 
 try:
     from exportkit import make_run, tiny_recipe
@@ -28,7 +29,7 @@ def run(tmp_path_factory):
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT and CUDA are present")
 def test_trt_export_without_tensorrt_is_exit_4_before_any_work(run):
     with pytest.raises(MissingCapability) as info:
-        export_run(run, ["trt"])
+        export_run(Run.open(run), ["trt"])
     assert info.value.exit_code == 4
     assert "pip install 'distillctl[tensorrt]'" in info.value.message or "CUDA" in info.value.message
     assert not (run / "export").exists()  # failed before the ONNX export
@@ -57,7 +58,7 @@ def test_doctor_reports_what_loads():
 def test_engine_build_parity_and_sidecar(run, precision):
     import tensorrt as trt
 
-    res = export_run(run, ["trt"], precision=precision, dynamic_batch="1:4:16", device="auto")
+    res = export_run(Run.open(run), ["trt"], precision=precision, dynamic_batch="1:4:16", device="auto")
     engine = res["artifacts"]["trt"]
     side = json.loads(open(res["artifacts"]["trt_sidecar"]).read())
     assert side["tensorrt"] == trt.__version__ and side["gpu"] and side["precision"] == precision
@@ -71,9 +72,9 @@ def test_engine_build_parity_and_sidecar(run, precision):
     else:
         assert p["top1_agreement"] >= 0.99
     # batches 1 and 7 inside the profile, 40 beyond it (chunked by the runner)
-    runner = trt_format.TrtRunner(engine)
+    runner = trt_format.TrtPredictor(engine)
     x = np.random.default_rng(0).standard_normal((40, 3, 32, 32)).astype(np.float32)
-    ref = trt_format.TrtRunner(engine)(x)
+    ref = trt_format.TrtPredictor(engine)(x)
     assert ref.shape == (40, 10)
     for b in (1, 7):
         assert np.abs(runner(x[:b]) - ref[:b]).max() < 1e-3
@@ -82,8 +83,8 @@ def test_engine_build_parity_and_sidecar(run, precision):
 @needs_trt
 @pytest.mark.tensorrt
 def test_timing_cache_is_reused(run):
-    export_run(run, ["trt"], device="auto")
-    res = export_run(run, ["trt"], device="auto")
+    export_run(Run.open(run), ["trt"], device="auto")
+    res = export_run(Run.open(run), ["trt"], device="auto")
     assert res["details"]["trt"]["timing_cache_reused"] is True
 
 
@@ -93,8 +94,8 @@ def test_bench_and_eval_of_an_engine(run):
     from distillctl.evaluate import evaluate_target
     from distillctl.export.bench import run_bench
 
-    export_run(run, ["trt"], dynamic_batch="1:8:32", device="auto")
-    engine = run / "export" / trt_format.ENGINE_FILE
+    export_run(Run.open(run), ["trt"], dynamic_batch="1:8:32", device="auto")
+    engine = Run.open(run).engine_file
     ev = evaluate_target(str(engine))
     assert ev["format"] == "trt" and ev["provider"].startswith("TensorRT")
     res = run_bench([str(run)], backends=["torch", "onnxruntime", "trt"], batch_sizes=[1, 32], iters=20)

@@ -27,15 +27,13 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..device import versions
 from ..errors import BadInput, MissingCapability
-from ..recipe import BenchConfig, load_recipe
-from ..runs import RECIPE_FILE, STUDENT_DIR, atomic_write_json, resolve_run, versions
-from .context import EXPORT_DIR, run_folder_of
-from .onnx import ONNX_FILE, ONNX_FP16_FILE, read_metadata
-from .runtime import OrtRunner, Runner, TorchRunner
+from ..recipe import BenchConfig
+from ..run import BENCH_JSON, BENCH_PNG, Run, Target, atomic_write_json, commit, resolve_target, temp_path
+from .onnx import read_metadata
+from .runtime import OrtPredictor, Predictor, TorchPredictor
 
-BENCH_JSON = "bench.json"
-BENCH_PNG = "bench.png"
 BACKENDS = ("torch", "torch_compile", "onnxruntime", "trt")
 MIN_WARMUP_S = 0.2
 ROUNDS = 5  # blocks per backend: interleaved so a burst of load from elsewhere hits every backend
@@ -112,85 +110,80 @@ def device_info(torch_device: torch.device, threads: int) -> dict:
 
 
 @dataclass
-class Target:
+class BenchTarget:
     label: str
-    run_dir: Optional[Path]  # where bench.json goes (None: next to the file)
+    run: Optional[Run]  # where bench.json goes (None: next to the file)
     input_size: int
     sources: dict[str, Path] = field(default_factory=dict)  # backend/format -> file
     bench: BenchConfig = field(default_factory=BenchConfig)
+    where: Optional[Path] = None  # the artifact itself, for a target outside any run
 
 
-def _student_size(folder: Path) -> int:
-    from .student import read_config
-
-    return int(read_config(folder)["pretrained_cfg"]["input_size"][-1])
-
-
-def resolve_target(target: Optional[str]) -> Target:
-    """A run folder (default runs/latest), a student .safetensors, a .onnx or an engine file."""
+def bench_target(target: Target | str | None) -> BenchTarget:
+    """What to time for a TARGET: a run folder (its student and exports), a .safetensors, a .onnx or an engine."""
     from . import trt as trt_format
 
-    p = Path(target) if target else None
-    if p is None or p.is_dir():
-        run = resolve_run(target)
-        recipe = load_recipe(run / RECIPE_FILE)
-        t = Target(run.name, run, _student_size(run / STUDENT_DIR), bench=recipe.bench)
-        t.sources["torch"] = t.sources["torch_compile"] = run / STUDENT_DIR
-        for fmt, f in (("onnxruntime", ONNX_FILE), ("onnxruntime_fp16", ONNX_FP16_FILE),
-                       ("trt", trt_format.ENGINE_FILE)):
-            if (run / EXPORT_DIR / f).is_file():
-                t.sources[fmt] = run / EXPORT_DIR / f
-        return t
-    if not p.is_file():
-        raise BadInput(f"bench target not found: {p}")
-    run = run_folder_of(p)
-    bench = load_recipe(run / RECIPE_FILE).bench if run else BenchConfig()
-    if p.suffix == ".safetensors":
-        t = Target(p.stem if run is None else run.name, run, _student_size(p), bench=bench)
-        t.sources["torch"] = t.sources["torch_compile"] = p
-    elif p.suffix == ".onnx":
+    t = target if isinstance(target, Target) else resolve_target(target)
+    run = t.run
+    bench = run.recipe.bench if run is not None else BenchConfig()
+    if t.kind == "run":
+        size = int(run.student_config()["pretrained_cfg"]["input_size"][-1])
+        bt = BenchTarget(run.root.name, run, size, bench=bench)
+        bt.sources["torch"] = bt.sources["torch_compile"] = run.student_dir
+        arts = run.artifacts()
+        for fmt, key in (("onnxruntime", "onnx"), ("onnxruntime_fp16", "onnx_fp16"), ("trt", "trt")):
+            if key in arts:
+                bt.sources[fmt] = arts[key]
+        return bt
+    p = t.path
+    if t.kind == "safetensors":
+        from ..run import read_student_config
+
+        size = int(read_student_config(p.parent)["pretrained_cfg"]["input_size"][-1])
+        bt = BenchTarget(t.label, run, size, bench=bench, where=p)
+        bt.sources["torch"] = bt.sources["torch_compile"] = p
+        return bt
+    if t.kind == "onnx":
         meta = read_metadata(p)
         if "input_size" not in meta:
             raise BadInput(f"{p} has no input_size in metadata_props (not exported by distillctl)")
         fmt = "onnxruntime_fp16" if meta.get("precision") == "fp16" else "onnxruntime"
-        t = Target(p.stem if run is None else run.name, run, int(meta["input_size"][-1]), {fmt: p}, bench)
-    elif p.suffix in trt_format.ENGINE_SUFFIXES:
-        side = trt_format.read_sidecar(p)
-        t = Target(p.stem if run is None else run.name, run, int(side["input_size"][-1]), {"trt": p}, bench)
-    else:
-        raise BadInput(f"cannot bench {p}: expected a run folder, .safetensors, .onnx or "
-                       f"{'/'.join(trt_format.ENGINE_SUFFIXES)} file")
-    return t
+        return BenchTarget(t.label, run, int(meta["input_size"][-1]), {fmt: p}, bench, where=p)
+    side = trt_format.read_sidecar(p)
+    return BenchTarget(t.label, run, int(side["input_size"][-1]), {"trt": p}, bench, where=p)
 
 
-def _open(fmt: str, src: Path, device: str, torch_device: torch.device, threads: int) -> Runner:
+def _open(fmt: str, src: Path, device: str, torch_device: torch.device, threads: int) -> Predictor:
     if fmt in ("torch", "torch_compile"):
-        from .student import load_student
+        from ..run import load_student_folder
 
-        model, _ = load_student(src, torch_device)
-        runner = TorchRunner(model, torch_device, name=fmt)
+        model, _ = load_student_folder(src, torch_device)
+        predictor = TorchPredictor(model, torch_device, name=fmt)
         if fmt == "torch_compile":
-            runner.model = torch.compile(model)
-            runner.provider = f"torch.compile(inductor)-{torch_device.type}"
-        return runner
+            predictor.model = torch.compile(model)
+            predictor.provider = f"torch.compile(inductor)-{torch_device.type}"
+        return predictor
     if fmt.startswith("onnxruntime"):
-        return OrtRunner(src, device, threads=threads, name=fmt, spinning=False)
-    from .trt import TrtRunner
+        return OrtPredictor(src, device, threads=threads, name=fmt, spinning=False)
+    from .trt import TrtPredictor
 
-    return TrtRunner(src, device)
+    return TrtPredictor(src, device)
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
-def run_bench(targets: list[str], *, batch_sizes: Optional[list[int]] = None, backends: Optional[list[str]] = None,
+def run_bench(targets: list, *, batch_sizes: Optional[list[int]] = None, backends: Optional[list[str]] = None,
               device: str = "auto", warmup: Optional[int] = None, iters: Optional[int] = None,
-              threads: Optional[int] = None) -> dict:
-    """Latency/throughput per format and batch size; writes bench.json and bench.png into each run folder."""
+              threads: Optional[int] = None, write_card: bool = True) -> dict:
+    """Latency/throughput per format and batch size; writes bench.json and bench.png into each run folder
+    (next to the file for an artifact outside any run) and refreshes the run's model card."""
     from . import trt as trt_format
-    from ..train import resolve_device
+    from ..device import resolve_device
 
-    resolved = [resolve_target(t) for t in (targets or [None])]
+    if threads is not None and threads < 1:
+        raise BadInput(f"--threads must be >= 1, got {threads}")
+    resolved = [bench_target(t) for t in (targets or [None])]
     explicit = backends is not None
     if explicit:
         backends = [b.strip() for x in backends for b in str(x).split(",") if b.strip()]
@@ -219,7 +212,7 @@ def run_bench(targets: list[str], *, batch_sizes: Optional[list[int]] = None, ba
                 wanted.insert(wanted.index("onnxruntime") + 1, "onnxruntime_fp16")
             if not explicit and t.sources.keys() <= {"onnxruntime", "onnxruntime_fp16", "trt"}:
                 wanted = list(t.sources)  # a lone artifact file: bench what it is
-            runners: dict[str, Runner] = {}
+            predictors: dict[str, Predictor] = {}
             for fmt in wanted:
                 key = f"{t.label}/{fmt}" if prefix else fmt
                 if fmt == "trt":  # asked for explicitly (or an engine target): a missing TensorRT is exit 4
@@ -233,13 +226,13 @@ def run_bench(targets: list[str], *, batch_sizes: Optional[list[int]] = None, ba
                 if fmt not in t.sources:
                     skipped[key] = (f"no artifact for {fmt} in {t.label}: run `distillctl export "
                                     f"--format {'trt' if fmt == 'trt' else 'onnx'}` first"
-                                    if t.run_dir and fmt in ("onnxruntime", "trt") else f"not applicable to {t.label}")
+                                    if t.run and fmt in ("onnxruntime", "trt") else f"not applicable to {t.label}")
                     continue
-                runners[key] = _open(fmt, t.sources[fmt], device, torch_device, threads)
+                predictors[key] = _open(fmt, t.sources[fmt], device, torch_device, threads)
             for b in sizes:
                 x = np.random.default_rng(0).standard_normal((b, 3, t.input_size, t.input_size)).astype(np.float32)
                 fns = {}
-                for key, r in runners.items():
+                for key, r in predictors.items():
                     try:
                         t0 = time.perf_counter()
                         fn = r.timed_call(x)
@@ -257,8 +250,8 @@ def run_bench(targets: list[str], *, batch_sizes: Optional[list[int]] = None, ba
                     s = summarize(ts, b)
                     latency.setdefault(key, {})[str(b)] = {k: s[k] for k in ("p50", "p90", "p99", "mean")}
                     throughput.setdefault(key, {})[str(b)] = s["throughput_img_s"]
-                    providers[key] = runners[key].provider
-            del runners  # free sessions/engines before the next target
+                    providers[key] = predictors[key].provider
+            del predictors  # free sessions/engines before the next target
     finally:
         torch.set_num_threads(saved_threads)
     for key, per in latency.items():
@@ -267,7 +260,7 @@ def run_bench(targets: list[str], *, batch_sizes: Optional[list[int]] = None, ba
             speedup[key] = {b: round(latency[base_key][b]["p50"] / v["p50"], 3)
                             for b, v in per.items() if b in latency[base_key]}
     result = {
-        "targets": [str(t.run_dir or t.sources) for t in resolved],
+        "targets": [str(t.run.root if t.run is not None else t.where) for t in resolved],
         "latency_ms": latency, "throughput_img_s": throughput,
         "speedup_vs_torch_p50": speedup,
         "device": device_info(torch_device, threads), "versions": versions(), "providers": providers,
@@ -277,12 +270,21 @@ def run_bench(targets: list[str], *, batch_sizes: Optional[list[int]] = None, ba
     }
     files = {}
     for t in resolved:
-        folder = t.run_dir or next(iter(t.sources.values())).parent
         mine = {k: v for k, v in latency.items() if not prefix or k.startswith(t.label + "/")}
         doc = dict(result, latency_ms=mine, throughput_img_s={k: throughput[k] for k in mine})
-        atomic_write_json(folder / BENCH_JSON, doc)
-        chart = write_chart(doc, folder / BENCH_PNG)
-        files[t.label] = {"bench_json": str(folder / BENCH_JSON), "chart": str(chart) if chart else None}
+        if t.run is not None:
+            with t.run.writing():
+                path = t.run.write_json(BENCH_JSON, doc)
+                chart = write_chart(doc, t.run.bench_png)
+                if write_card and Run.is_run(t.run.root):
+                    from .card import write_model_card
+
+                    write_model_card(t.run)
+        else:
+            path = t.where.with_name(f"{t.where.name}.{BENCH_JSON}")
+            atomic_write_json(path, doc)
+            chart = write_chart(doc, t.where.with_name(f"{t.where.name}.{BENCH_PNG}"))
+        files[t.label] = {"bench_json": str(path), "chart": str(chart) if chart else None}
     result["files"] = files
     print_table(result)
     return result
@@ -322,8 +324,6 @@ def write_chart(doc: dict, path: Path) -> Optional[Path]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ..runs import temp_path_for
-
     fmts = list(doc["latency_ms"])
     sizes = sorted({int(b) for per in doc["latency_ms"].values() for b in per})
     fig = Figure(figsize=(4 + 1.6 * len(sizes), 4.2))
@@ -346,9 +346,9 @@ def write_chart(doc: dict, path: Path) -> Optional[Path]:
     dev = doc["device"]
     fig.suptitle(dev.get("gpu") or f"{dev['cpu']}, {dev['threads']} threads", fontsize=9)
     fig.tight_layout()
-    tmp = temp_path_for(path).with_suffix(".png")
+    tmp = temp_path(path, ".tmp.png")
     fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    commit(tmp, path)
     return path
 
 

@@ -1,32 +1,17 @@
 """MODEL_CARD.md for a run: what was distilled into what, how well, how faithful the exports are, how fast.
 
-Everything comes from files already in the run folder (recipe.yaml, manifest.json,
-metrics.jsonl, student/config.json, export.json, bench.json); sections whose file is missing
-say which command produces it. Training curves are drawn from metrics.jsonl into
-training_curves.png next to the card.
+Everything comes from the run folder (its recipe, manifest, metrics, student config, export and
+bench reports), read through ``distillctl.run.Run``; sections whose report is missing say which
+command produces it. Training curves are drawn into the run's curves PNG next to the card. Every
+path in the card is relative to the run folder, so the folder can be moved or shipped as it is.
+``export`` and ``bench`` rewrite the card whenever they change what it reports.
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Optional
 
-from ..recipe import load_recipe
-from ..runs import (METRICS_FILE, RECIPE_FILE, STUDENT_DIR, Manifest, atomic_write_text, read_jsonl, resolve_run,
-                    temp_path_for)
-from .api import EXPORT_JSON
-from .bench import BENCH_JSON, BENCH_PNG
-
-CARD_FILE = "MODEL_CARD.md"
-CURVES_PNG = "training_curves.png"
-
-
-def _read(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except ValueError:
-        return None
+from ..run import BENCH_JSON, EXPORT_JSON, Run, atomic_write_text, commit, temp_path
 
 
 def _pct(v) -> str:
@@ -61,9 +46,9 @@ def write_curves(rows: list[dict], path: Path) -> Optional[Path]:
     ax2.set_title("validation accuracy", fontsize=10)
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    tmp = temp_path_for(path).with_suffix(".png")
+    tmp = temp_path(path, ".tmp.png")
     fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    commit(tmp, path)
     return path
 
 
@@ -77,19 +62,17 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_model_card(run_dir) -> Path:
-    """Write ``RUN/MODEL_CARD.md`` (and ``training_curves.png``) from the run's files; returns the card path."""
+def write_model_card(run: Run) -> Path:
+    """Write the run's MODEL_CARD.md (and training curves) from what the folder holds; returns the card path."""
     from ..methods import registry
-    from .student import read_config
 
-    run = resolve_run(str(run_dir) if run_dir else None)
-    recipe = load_recipe(run / RECIPE_FILE)
-    manifest = Manifest(run).data
-    cfg = read_config(run / STUDENT_DIR) if (run / STUDENT_DIR / "config.json").is_file() else {}
-    export = _read(run / EXPORT_JSON)
-    bench = _read(run / BENCH_JSON)
-    rows = read_jsonl(run / METRICS_FILE)
-    curves = write_curves(rows, run / CURVES_PNG)
+    recipe = run.recipe
+    manifest = run.manifest
+    cfg = run.student_config() if run.student_weights.is_file() else {}
+    export = run.read_json(EXPORT_JSON)
+    bench = run.read_json(BENCH_JSON)
+    rows = run.metrics_rows()
+    curves = write_curves(rows, run.curves_png)
 
     dc = cfg.get("distillctl", {})
     pc = cfg.get("pretrained_cfg", {})
@@ -133,7 +116,7 @@ def write_model_card(run_dir) -> Path:
             p = export["parity"].get(name)
             prec = "fp16" if name.endswith("fp16") or (name == "trt" and export.get("precision") == "fp16") else "fp32"
             if p:
-                par_rows.append([name, f"`{Path(path).relative_to(run) if Path(path).is_relative_to(run) else path}`",
+                par_rows.append([name, f"`{run.relative(path)}`",
                                  prec, f"{p['max_abs_diff']:.3g}", f"{p['mean_abs_diff']:.3g}",
                                  _pct(p["top1_agreement"]), f"{p.get('tolerance', float('nan')):.3g}",
                                  export.get("providers", {}).get(name, "")])
@@ -168,30 +151,39 @@ def write_model_card(run_dir) -> Path:
                 lat_rows.append([fmt, bench.get("providers", {}).get(fmt, ""), b, f"{s['p50']:.3f}", f"{s['p90']:.3f}",
                                  f"{s['p99']:.3f}", f"{bench['throughput_img_s'][fmt][b]:.0f}"])
         out.append(_table(["format", "runtime", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s"], lat_rows))
-        if (run / BENCH_PNG).is_file():
-            out.append(f"\n![latency]({BENCH_PNG})")
+        if run.bench_png.is_file():
+            out.append(f"\n![latency]({run.relative(run.bench_png)})")
         for k, why in bench.get("skipped", {}).items():
             out.append(f"\n- skipped {k}: {why}")
     else:
         out.append("Not measured yet: `distillctl bench RUN`.")
 
     out += ["", "## Training curves", ""]
-    out.append(f"![training curves]({CURVES_PNG})" if curves else "No metrics.jsonl rows in this run.")
+    out.append(f"![training curves]({run.relative(curves)})" if curves else "No training metrics in this run.")
 
-    size = pc.get("input_size", [3, 224, 224])[-1]
-    out += ["", "## Use", "", "```python",
-            "import timm  # the student folder is a timm local model (weights + config.json)",
-            f'model = timm.create_model("local-dir:{(run / STUDENT_DIR).resolve()}", pretrained=True).eval()',
-            "", "import numpy as np, onnxruntime as ort",
-            f'sess = ort.InferenceSession("{(run / "export" / "model.onnx").resolve()}", providers=["CPUExecutionProvider"])',
-            f"x = np.random.rand(1, 3, {size}, {size}).astype(np.float32)  # RGB in [0, 1]",
-            f"mean, std = np.array({_floats(pc.get('mean'))}, np.float32), np.array({_floats(pc.get('std'))}, np.float32)",
-            "logits = sess.run(None, {\"input\": (x - mean[:, None, None]) / std[:, None, None]})[0]",
+    student_rel = run.relative(run.student_dir)
+    onnx_rel = run.relative(run.onnx_file("fp32"))
+    out += ["", "## Use", "",
+            "From this folder (the paths are relative to it), in an environment with `pip install distillctl`:", "",
+            "```python",
+            "import distillctl  # loads the student with timm (and makes timm importable beside a CPU-only torch)",
+            "import numpy as np, onnxruntime as ort, torch",
+            "from PIL import Image",
+            "",
+            f'model, config = distillctl.load_student("{student_rel}")  # the bare timm student, eval mode',
+            "transform = distillctl.eval_transform(config)  # the exact evaluation preprocessing (timm's transform)",
+            "labels = config.get(\"label_names\") or [str(i) for i in range(config[\"num_classes\"])]",
+            "",
+            "x = transform(Image.open(\"image.png\").convert(\"RGB\")).unsqueeze(0)  # [1, 3, H, W], normalised",
+            "with torch.no_grad():",
+            "    print(\"pytorch:\", labels[int(model(x).argmax())])",
+            f'sess = ort.InferenceSession("{onnx_rel}", providers=["CPUExecutionProvider"])',
+            "print(\"onnx:\", labels[int(sess.run(None, {\"input\": x.numpy()})[0].argmax())])",
             "```", "",
             "## Limitations", "",
             f"Accuracy is measured on the `{recipe.data.dataset}` validation split only; the model was not evaluated "
             "for other data, resolutions or domains. Latency figures hold for the hardware and versions named above.",
             ""]
-    card = run / CARD_FILE
+    card = run.card_file
     atomic_write_text(card, "\n".join(out))
     return card

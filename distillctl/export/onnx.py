@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import os
 import re
 import sys
 import time
@@ -22,14 +21,12 @@ from typing import Optional
 import torch
 
 from ..errors import BadInput, ExportFailed
-from ..runs import temp_path_for
+from ..run import commit, discard, temp_path, track
 from .runtime import INPUT_NAME, OUTPUT_NAME
 
-ONNX_FILE = "model.onnx"
-ONNX_FP16_FILE = "model.fp16.onnx"
 TORCHSCRIPT_MAX_OPSET = 20  # the legacy exporter's ceiling (torch 2.x)
 # metadata_props values are strings; these keys hold JSON (lists, numbers)
-JSON_KEYS = {"input_size", "mean", "std", "num_classes", "top1", "top5"}
+JSON_KEYS = {"input_size", "mean", "std", "num_classes", "top1", "top5", "crop_pct", "class_names"}
 
 
 def _export_params() -> set[str]:
@@ -58,7 +55,7 @@ EXPORTERS = {"dynamo": _dynamo_export, "torchscript": _torchscript_export}
 
 def _remove(path: Path) -> None:
     for p in (path, path.with_name(path.name + ".data")):
-        p.unlink(missing_ok=True)
+        discard(p)
 
 
 def _set_metadata(proto, metadata: dict) -> None:
@@ -77,14 +74,14 @@ def _save_checked(proto, dest: Path) -> None:
     """Write ``proto`` as one file, check it by path, then rename into place."""
     import onnx
 
-    tmp = temp_path_for(dest)
+    tmp = temp_path(dest, ".tmp.onnx")
     try:
         onnx.save_model(proto, str(tmp), save_as_external_data=False)
         onnx.checker.check_model(str(tmp), full_check=True)
     except Exception as err:
         _remove(tmp)
         raise ExportFailed(f"the exported ONNX graph for {dest.name} does not pass onnx.checker: {err}") from None
-    os.replace(tmp, dest)
+    commit(tmp, dest)
     dest.with_name(dest.name + ".data").unlink(missing_ok=True)  # a stale sidecar from an older export
 
 
@@ -102,7 +99,8 @@ def export_onnx(model: torch.nn.Module, dest: Path, *, image_size: int, metadata
     x = torch.randn(max(2, example_batch), 3, image_size, image_size)
     with torch.no_grad():
         model(x)
-    tmp = temp_path_for(dest).with_suffix(".export.onnx")
+    tmp = temp_path(dest, ".tmp.onnx")
+    track(tmp.with_name(tmp.name + ".data"))  # some exporters write the weights beside the graph
     failures = []
     used = None
     t0 = time.perf_counter()
@@ -154,7 +152,7 @@ def export_fp16(src: Path, dest: Path, *, max_retries: int = 8) -> dict:
     proto = onnx.load(str(src))
     meta = {p.key: p.value for p in proto.metadata_props}
     keep: set[str] = set()
-    tmp = temp_path_for(dest).with_suffix(".fp16.onnx")
+    tmp = temp_path(dest, ".tmp.onnx")
     for _ in range(max_retries):
         try:
             half = convert_float_to_float16(proto, frozenset(keep))
@@ -170,13 +168,13 @@ def export_fp16(src: Path, dest: Path, *, max_retries: int = 8) -> dict:
         except Exception as err:
             m = _MISSING_KERNEL.search(str(err))
             if not m or m.group(1) in keep:
-                tmp.unlink(missing_ok=True)
+                discard(tmp)
                 raise ExportFailed(f"the FP16 model does not load in ONNX Runtime: {err}") from None
             keep.add(m.group(1))
     else:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise ExportFailed(f"FP16 conversion kept failing in ONNX Runtime (fp32 ops so far: {sorted(keep)})")
-    tmp.unlink(missing_ok=True)
+    discard(tmp)
     _save_checked(half, Path(dest))
     return {"path": str(dest), "kept_fp32_ops": sorted(keep), "bytes": Path(dest).stat().st_size}
 
@@ -203,23 +201,51 @@ def read_metadata(path: Path) -> dict:
     return out
 
 
-def build(ctx) -> list:
-    """Format builder: ``model.onnx`` (FP32) and, for fp16 or ``export.onnx_fp16``, ``model.fp16.onnx``."""
-    from .context import Artifact
-    from .runtime import OrtRunner
+def _fresh(path: Path, student_weights: Path, recipe_hash: str) -> bool:
+    """An existing FP32 file that was exported from the current student (reusable as a conversion source)."""
+    if not path.is_file() or not student_weights.is_file():
+        return False
+    try:
+        meta = read_metadata(path)
+    except BadInput:
+        return False
+    return meta.get("recipe_hash") == recipe_hash and path.stat().st_mtime >= student_weights.stat().st_mtime
 
-    meta = {**ctx.metadata(), "precision": "fp32"}
-    dest = ctx.out_dir / ONNX_FILE
-    info = export_onnx(ctx.student, dest, image_size=ctx.input_size, metadata=meta, opset=ctx.opset,
-                       example_batch=ctx.batch[1])
-    ctx.log(f"  onnx: {dest} ({info['exporter']} exporter, opset {info['opset']}, {info['bytes'] / 1e6:.1f} MB)")
-    out = [Artifact("onnx", dest, "fp32", OrtRunner(dest, ctx.device, name="onnx"), info)]
-    if ctx.precision == "fp16" or ctx.recipe.export.onnx_fp16:
-        dest16 = ctx.out_dir / ONNX_FP16_FILE
-        info16 = export_fp16(dest, dest16)
-        ctx.log(f"  onnx_fp16: {dest16} ({info16['bytes'] / 1e6:.1f} MB"
+
+def build(job) -> list:
+    """Format builder: ``model.onnx`` (FP32) and, for fp16 or ``export.onnx_fp16``, ``model.fp16.onnx``.
+
+    Every file is built under its staging name; the export face renames it once its gates pass.
+    An FP16 export reuses an up-to-date ``model.onnx`` as its source instead of rewriting it.
+    """
+    from . import staged
+    from .job import Artifact
+    from .runtime import OrtPredictor
+
+    run = job.run
+    meta = {**job.metadata(), "precision": "fp32"}
+    final = run.onnx_file("fp32")
+    want16 = job.precision == "fp16" or job.recipe.export.onnx_fp16
+    out = []
+    source = final
+    if job.precision == "fp32" or not _fresh(final, run.student_weights, meta["recipe_hash"]):
+        dest = staged(final)
+        info = export_onnx(job.student, dest, image_size=job.input_size, metadata=meta, opset=job.opset,
+                           example_batch=job.batch[1])
+        job.log(f"  onnx: {run.relative(final)} ({info['exporter']} exporter, opset {info['opset']}, "
+                f"{info['bytes'] / 1e6:.1f} MB)")
+        out.append(Artifact("onnx", dest, "fp32", OrtPredictor(dest, job.device, name="onnx"),
+                            {**info, "final": final}))
+        source = dest
+    if want16:
+        final16 = run.onnx_file("fp16")
+        dest16 = staged(final16)
+        info16 = export_fp16(source, dest16)
+        job.log(f"  onnx_fp16: {run.relative(final16)} ({info16['bytes'] / 1e6:.1f} MB"
                 + (f", fp32 ops: {', '.join(info16['kept_fp32_ops'])}" if info16["kept_fp32_ops"] else "") + ")")
-        out.append(Artifact("onnx_fp16", dest16, "fp16", OrtRunner(dest16, ctx.device, name="onnx_fp16"), info16))
+        out.append(Artifact("onnx_fp16", dest16, "fp16", OrtPredictor(dest16, job.device, name="onnx_fp16"),
+                            {**info16, "final": final16}))
     for a in out:
-        a.info["provider"] = a.runner.provider
+        a.info["provider"] = a.predictor.provider
+        a.info["path"] = str(a.info["final"])
     return out

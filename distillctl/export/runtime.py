@@ -1,9 +1,9 @@
 """One interface over the runtimes an exported student runs in: PyTorch, ONNX Runtime (TensorRT in trt.py).
 
-A runner takes a normalised float32 batch ``[B, 3, S, S]`` (numpy) and returns float32 logits
+A predictor takes a normalised float32 batch ``[B, 3, S, S]`` (numpy) and returns float32 logits
 ``[B, C]``. ``timed_call(x)`` returns a zero-argument callable that runs one inference on inputs
 already placed where the runtime wants them and waits for it to finish, which is what the
-latency harness times. ``score`` walks a validation split once per runner for accuracy and
+latency harness times. ``score`` walks a validation split once per predictor for accuracy and
 logit parity against a reference.
 """
 from __future__ import annotations
@@ -22,10 +22,10 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
 
-class Runner:
+class Predictor:
     """Base class: ``name`` (format), ``provider`` (what actually executes), ``max_batch``."""
 
-    name = "runner"
+    name = "predictor"
     provider = "unknown"
     max_batch: Optional[int] = None
 
@@ -43,7 +43,7 @@ class Runner:
         raise NotImplementedError
 
 
-class TorchRunner(Runner):
+class TorchPredictor(Predictor):
     """A torch module in eval mode on ``device``; fp32 math (no TF32) so it can serve as the parity reference."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu", name: str = "torch"):
@@ -150,7 +150,7 @@ def create_session(path: Path, device: str = "auto", *, threads: Optional[int] =
     return sess, used, fell_back
 
 
-class OrtRunner(Runner):
+class OrtPredictor(Predictor):
     name = "onnxruntime"
 
     def __init__(self, path: Path, device: str = "auto", *, threads: Optional[int] = None, name: str = "onnx",
@@ -216,12 +216,12 @@ def val_arrays(batches, view: torch.nn.Module):
             yield np.ascontiguousarray(xn.cpu().numpy(), dtype=np.float32), y.cpu().numpy()
 
 
-def accuracy(runner: Runner, batches, view: torch.nn.Module, keep: int = 0) -> tuple[dict, np.ndarray]:
-    """top-1/top-5 of ``runner`` over the whole split, and its logits for the first ``keep`` images."""
+def accuracy(predictor: Predictor, batches, view: torch.nn.Module, keep: int = 0) -> tuple[dict, np.ndarray]:
+    """top-1/top-5 of ``predictor`` over the whole split, and its logits for the first ``keep`` images."""
     acc, kept = _Accuracy(), []
     n_kept = 0
     for x, y in val_arrays(batches, view):
-        out = runner(x)
+        out = predictor(x)
         acc.add(out, y)
         if n_kept < keep:
             kept.append(out[:keep - n_kept])

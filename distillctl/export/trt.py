@@ -1,4 +1,4 @@
-"""TensorRT: the only module that imports ``tensorrt``. Engine build, engine runner, versions.
+"""TensorRT: the only module that imports ``tensorrt``. Engine build, engine predictor, versions.
 
 Written against the TensorRT 10 and 11 Python APIs (deploy-notes.md, C.1), feature-detected:
 - networks are created with flags 0 (explicit batch is the only mode; EXPLICIT_BATCH is gone in 11);
@@ -12,7 +12,6 @@ The engine file is TensorRT's plan, byte for byte; our metadata goes to ``model.
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,17 +21,10 @@ import numpy as np
 import torch
 
 from ..errors import BadInput, ExportFailed, MissingCapability
-from ..runs import atomic_write_bytes, atomic_write_json
-from .runtime import Runner
+from ..run import atomic_write_bytes, atomic_write_json, read_json_file, sidecar_of
+from .runtime import Predictor
 
 INSTALL_HINT = "pip install 'distillctl[tensorrt]'"
-ENGINE_FILE = "model.engine"
-TIMING_CACHE_FILE = "trt_timing.cache"
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
-
-
-def sidecar_path(engine: Path) -> Path:
-    return Path(engine).with_name(Path(engine).name + ".json")
 
 
 def probe() -> dict:
@@ -159,16 +151,16 @@ def build_engine(onnx_fp32: Path, onnx_fp16: Optional[Path], dest: Path, *, prec
         "timing_cache": str(timing_cache), "timing_cache_reused": cache_reused,
         "build_s": round(time.perf_counter() - t0, 2), **metadata,
     }
-    atomic_write_json(sidecar_path(dest), sidecar)
+    atomic_write_json(sidecar_of(dest), sidecar)
     return sidecar
 
 
 def read_sidecar(engine: Path) -> dict:
-    p = sidecar_path(engine)
+    p = sidecar_of(engine)
     if not p.is_file():
         raise BadInput(f"{p} not found: an engine built by distillctl has a sidecar JSON with its input size, "
                        "mean/std and recipe hash")
-    return json.loads(p.read_text())
+    return read_json_file(p)
 
 
 def _torch_dtype(trt, dt):
@@ -180,7 +172,7 @@ def _torch_dtype(trt, dt):
     raise ExportFailed(f"TensorRT tensor type {dt} has no torch equivalent")
 
 
-class TrtRunner(Runner):
+class TrtPredictor(Predictor):
     """A deserialised engine executed with ``execute_async_v3`` on torch CUDA buffers."""
 
     name = "trt"
@@ -257,20 +249,24 @@ class TrtRunner(Runner):
         return run
 
 
-def build(ctx) -> list:
+def build(job) -> list:
     """Format builder: ``model.engine`` + ``model.engine.json`` from the ONNX file(s) built just before."""
-    from .context import Artifact
+    from . import staged
+    from .job import Artifact
 
-    onnx32 = ctx.artifacts.get("onnx")
-    onnx16 = ctx.artifacts.get("onnx_fp16")
-    if onnx32 is None:
+    run = job.run
+    onnx32 = job.artifacts.get("onnx")
+    onnx16 = job.artifacts.get("onnx_fp16")
+    src32 = onnx32.path if onnx32 else run.onnx_file("fp32")
+    if not Path(src32).is_file():
         raise ExportFailed("the TensorRT builder needs model.onnx; export the onnx format first")
-    dest = ctx.out_dir / ENGINE_FILE
-    sidecar = build_engine(onnx32.path, onnx16.path if onnx16 else None, dest, precision=ctx.precision,
-                           batch=ctx.batch, workspace_gib=ctx.recipe.export.workspace_gib,
-                           timing_cache=ctx.out_dir / TIMING_CACHE_FILE, metadata=ctx.metadata())
-    ctx.log(f"  trt: {dest} (TensorRT {sidecar['tensorrt']}, {sidecar['precision']}, batch {sidecar['dynamic_batch']}, "
-            f"{sidecar['build_s']:.0f}s)")
-    runner = TrtRunner(dest, ctx.device)
-    return [Artifact("trt", dest, ctx.precision, runner, {"sidecar": str(sidecar_path(dest)), **sidecar,
-                                                          "provider": runner.provider})]
+    final = run.engine_file
+    dest = staged(final)
+    sidecar = build_engine(src32, onnx16.path if onnx16 else None, dest, precision=job.precision,
+                           batch=job.batch, workspace_gib=job.recipe.export.workspace_gib,
+                           timing_cache=run.timing_cache, metadata=job.metadata())
+    job.log(f"  trt: {run.relative(final)} (TensorRT {sidecar['tensorrt']}, {sidecar['precision']}, batch "
+            f"{sidecar['dynamic_batch']}, {sidecar['build_s']:.0f}s)")
+    predictor = TrtPredictor(dest, job.device)
+    return [Artifact("trt", dest, job.precision, predictor, {"sidecar": str(sidecar_of(final)), **sidecar,
+                                                             "provider": predictor.provider, "final": final})]

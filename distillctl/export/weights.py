@@ -1,6 +1,6 @@
 """safetensors builder: the bare student re-saved with its metadata and proven loadable by plain timm.
 
-The folder ``RUN/student/`` (model.safetensors + config.json) is timm's local-model layout.
+The run's student folder (model.safetensors + config.json) is timm's local-model layout.
 Checks: a fresh ``timm.create_model(arch, num_classes=N)`` takes the file with ``strict=True``,
 and, where this timm has it, ``timm.create_model("local-dir:RUN/student", pretrained=True)``
 rebuilds the same weights from the folder alone.
@@ -13,10 +13,8 @@ import torch
 
 from ..compat import import_timm
 from ..errors import ExportFailed
-from ..runs import STUDENT_DIR
-from .context import Artifact, ExportContext
-from .runtime import TorchRunner
-from .student import save_student
+from .job import Artifact, ExportJob
+from .runtime import TorchPredictor
 
 
 def _timm_local_dir(timm, folder: Path, reference: dict[str, torch.Tensor]) -> str:
@@ -36,16 +34,16 @@ def _timm_local_dir(timm, folder: Path, reference: dict[str, torch.Tensor]) -> s
     return "ok"
 
 
-def build(ctx: ExportContext) -> list[Artifact]:
+def build(ctx: ExportJob) -> list[Artifact]:
     from safetensors.torch import load_file
 
     timm = import_timm()
-    folder = ctx.run_dir / STUDENT_DIR
     cfg = dict(ctx.config)
     cfg["distillctl"] = {**cfg.get("distillctl", {}), "top1": ctx.student_metrics["top1"],
                          "top5": ctx.student_metrics["top5"], "val_images": ctx.student_metrics["n"],
                          "dataset": ctx.recipe.data.dataset}
-    path = save_student(ctx.student, folder, cfg)
+    path = ctx.run.save_student(ctx.student, cfg)
+    folder = ctx.run.student_dir
     ctx.config = cfg
 
     # the contract's check: plain timm, strict, nothing of ours in between
@@ -59,6 +57,6 @@ def build(ctx: ExportContext) -> list[Artifact]:
                            f"num_classes={cfg['num_classes']}): {err}") from None
     local_dir = _timm_local_dir(timm, folder, fresh.state_dict())
     ctx.log(f"  safetensors: {path} (strict load into timm ok, timm local-dir: {local_dir})")
-    return [Artifact("safetensors", path, "fp32", TorchRunner(fresh.eval(), ctx.torch_device, name="safetensors"),
+    return [Artifact("safetensors", path, "fp32", TorchPredictor(fresh.eval(), ctx.torch_device, name="safetensors"),
                      {"strict_load": "ok", "timm_local_dir": local_dir, "tensors": len(sd),
                       "bytes": path.stat().st_size})]

@@ -1,0 +1,820 @@
+"""The run folder: one owner for every path, file name, read and write inside it.
+
+Layout of ``RUN/`` (nothing outside this module spells these names)::
+
+    recipe.yaml          the resolved recipe, written once when the run is created
+    manifest.json        versions, seed, device, recipe hash, start/end, status, stages, amendments
+    metrics.jsonl        one JSON object per logged step and per epoch, each exactly once
+    checkpoint.pt        the trainer state (student, training-only modules, optimizer, RNG, ...)
+    best.safetensors     the student weights of the best validation epoch
+    student/             model.safetensors + config.json: the bare student, timm's local-dir layout
+    teacher/             a nested run: the teacher that `distillctl run` trained for this run
+    export/              model.onnx, model.fp16.onnx, model.int8.onnx, model.engine (+ .json), timing cache
+    export.json  bench.json  bench.png  MODEL_CARD.md  training_curves.png
+
+Writes are atomic (a temporary sibling, then a rename: a kill never leaves a half-written file under
+a final name), use ordinary modes (0644 under the usual umask), never follow a symlink planted inside
+the folder, and happen only while the process holds the folder's exclusive lock. Temporary files
+left by a killed process are removed when the next writer takes the lock; temporaries of this
+process are removed when its command ends, however it ends (``cleanup_temps``).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from .errors import BadInput
+from .recipe import Recipe
+
+RECIPE_FILE = "recipe.yaml"
+MANIFEST_FILE = "manifest.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_FILE = "checkpoint.pt"
+BEST_FILE = "best.safetensors"
+STUDENT_DIR = "student"
+TEACHER_DIR = "teacher"
+EXPORT_DIR = "export"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+ENGINE_FILE = "model.engine"
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+TIMING_CACHE_FILE = "trt_timing.cache"
+EXPORT_JSON = "export.json"
+BENCH_JSON = "bench.json"
+BENCH_PNG = "bench.png"
+CARD_FILE = "MODEL_CARD.md"
+CURVES_PNG = "training_curves.png"
+LATEST = "latest"
+
+# Recipe keys a resumed run may change with --amend: they steer the optimisation or the reports,
+# never the shapes of the models, the data or the method's modules.
+AMENDABLE = ("train.lr", "train.min_lr", "train.grad_clip", "train.epochs", "train.log_every", "train.ema_decay",
+             "train.early_stop_patience", "export.", "bench.", "tracking.")
+
+
+def runs_dir() -> Path:
+    """Where new run folders go and where ``latest`` lives (``$DISTILLCTL_RUNS``, default ``runs``)."""
+    return Path(os.environ.get("DISTILLCTL_RUNS", "runs"))
+
+
+# ----------------------------------------------------------------------------- files
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()
+_PENDING: set[Path] = set()  # temporaries of this process not yet renamed into place
+_HELD: dict[str, list] = {}  # run folders this process holds the lock of: resolved path -> [fd, depth]
+_DISK_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+class StorageError(BadInput):
+    """The file system refused a write (full disk, file-size limit, read-only, permissions)."""
+
+
+def storage_error(path: Path, err: OSError) -> StorageError:
+    why = os.strerror(err.errno) if err.errno else str(err)
+    return StorageError(f"cannot write {path}: {why}. Nothing under its final name was changed; free space or fix "
+                        "the permissions, then continue with --resume (the last checkpoint is intact)")
+
+
+def temp_path(final: Path, suffix: str = ".tmp") -> Path:
+    """A fresh temporary sibling of ``final`` for writers that need a path (torch.save, ONNX export).
+
+    Rename it into place with ``commit``; if the command ends first, ``cleanup_temps`` removes it.
+    ``suffix`` starts with ``.tmp`` (writers that insist on an extension get ``.tmp.onnx``).
+    """
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
+    except OSError as err:
+        raise storage_error(final, err) from None
+    os.close(fd)
+    os.chmod(name, FILE_MODE)
+    return track(Path(name))
+
+
+def track(tmp: Path) -> Path:
+    """Register a temporary file (e.g. one a library writes beside ours) for removal when the command ends."""
+    _PENDING.add(Path(tmp))
+    return Path(tmp)
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Rename a finished temporary over ``final`` (atomic; replaces a symlink itself, never its target).
+
+    The mode is set here, whoever wrote the file (some writers recreate it 0600)."""
+    os.chmod(tmp, FILE_MODE)
+    os.replace(tmp, final)
+    _PENDING.discard(Path(tmp))
+
+
+def discard(tmp: Path) -> None:
+    Path(tmp).unlink(missing_ok=True)
+    _PENDING.discard(Path(tmp))
+
+
+def cleanup_temps() -> None:
+    """Remove every temporary this process created and did not commit (called when a command ends)."""
+    for tmp in list(_PENDING):
+        discard(tmp)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    try:
+        tmp = temp_path(path)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        commit(tmp, path)
+    except OSError as err:
+        cleanup_temps_for(path)
+        if err.errno in _DISK_ERRORS:
+            raise storage_error(path, err) from None
+        raise
+
+
+def cleanup_temps_for(final: Path) -> None:
+    for tmp in [t for t in _PENDING if t.parent == Path(final).parent and t.name.startswith(f".{Path(final).name}.")]:
+        discard(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def read_json_file(path: Path, what: str = "") -> dict:
+    """A JSON object from ``path``; a missing, truncated or malformed file is exit 2 naming it."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadInput(f"{path} not found" + (f" ({what})" if what else "")) from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise BadInput(f"{path} is unreadable or malformed ({type(err).__name__}: {str(err)[:200]}); it was not "
+                       "modified. Re-create it (re-run the stage that writes it) or restore it") from None
+    if not isinstance(obj, dict):
+        raise BadInput(f"{path} must hold a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+# ----------------------------------------------------------------------------- the student on disk
+
+def read_student_config(folder: Path) -> dict:
+    """``config.json`` of a student folder, checked for the keys loading needs."""
+    cfg = read_json_file(Path(folder) / CONFIG_FILE, "a student folder holds model.safetensors and config.json")
+    missing = [k for k in ("architecture", "num_classes", "pretrained_cfg") if k not in cfg]
+    pc = cfg.get("pretrained_cfg")
+    if not missing and not (isinstance(pc, dict) and isinstance(pc.get("input_size"), list)):
+        missing.append("pretrained_cfg.input_size")
+    if missing:
+        raise BadInput(f"{Path(folder) / CONFIG_FILE} lacks {', '.join(missing)}; it was not written by distillctl "
+                       "or is damaged (re-export the student)")
+    return cfg
+
+
+def student_config(recipe: Recipe, num_classes: int, mean, std, *, class_names: Optional[list] = None,
+                   preprocess: Optional[dict] = None, extra: Optional[dict] = None,
+                   recipe_hash: Optional[str] = None) -> dict:
+    """``config.json`` of a student: timm's local-model keys (architecture, num_classes, pretrained_cfg) + ours.
+
+    ``pretrained_cfg`` carries the exact evaluation preprocessing (input size, interpolation, crop,
+    mean/std) so ``timm.data.resolve_data_config`` rebuilds the transform the reported accuracy used.
+    """
+    size = recipe.student.image_size or recipe.data.image_size
+    pc = {"input_size": [3, size, size], "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
+          **(preprocess or {}), "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+          "num_classes": num_classes}
+    cfg = {"architecture": recipe.student.model, "num_classes": num_classes,
+           "model_args": dict(recipe.student.kwargs), "pretrained_cfg": pc}
+    if class_names:
+        cfg["label_names"] = list(class_names)
+        pc["label_names"] = list(class_names)
+    cfg["distillctl"] = {"recipe_hash": recipe_hash or recipe.hash(), "method": recipe.method.name,
+                         "teacher": recipe.teacher.model if recipe.teacher else None, **(extra or {})}
+    return cfg
+
+
+def save_student_folder(folder: Path, model, config: dict) -> Path:
+    """Write the student's weights (contiguous CPU tensors) and its config into ``folder``, atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": "pt", "architecture": config["architecture"], "num_classes": str(config["num_classes"])}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in config.get("distillctl", {}).items()})
+    path = folder / WEIGHTS_FILE
+    save_weights(path, sd, meta)
+    atomic_write_json(folder / CONFIG_FILE, config)
+    return path
+
+
+def save_weights(path: Path, state: dict, metadata: Optional[dict] = None) -> None:
+    from safetensors.torch import save_file
+
+    tmp = temp_path(path)
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        commit(tmp, path)
+    except OSError as err:
+        discard(tmp)
+        if err.errno in _DISK_ERRORS:
+            raise storage_error(path, err) from None
+        raise
+
+
+def load_student_folder(path: Path, device="cpu"):
+    """Recreate the student with timm from config.json and load the weights strictly -> (model, config)."""
+    from .compat import import_timm
+    from .models import load_into, read_state_dict
+
+    timm = import_timm()
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    weights = folder / WEIGHTS_FILE if path.is_dir() else path
+    cfg = read_student_config(folder)
+    try:
+        model = timm.create_model(cfg["architecture"], pretrained=False, num_classes=int(cfg["num_classes"]),
+                                  **(cfg.get("model_args") or {}))
+    except Exception as err:
+        raise BadInput(f"{folder / CONFIG_FILE} names a model timm cannot build ({cfg['architecture']}: "
+                       f"{type(err).__name__}: {str(err)[:200]})") from None
+    load_into(model, read_state_dict(weights), source=str(weights))
+    return model.to(device).eval(), cfg
+
+
+def sidecar_of(engine: Path) -> Path:
+    """The JSON that travels with a TensorRT engine (the engine stays TensorRT's plan, byte for byte)."""
+    return Path(engine).with_name(Path(engine).name + ".json")
+
+
+# ----------------------------------------------------------------------------- names
+
+def safe_name(name: str) -> str:
+    """A run-folder name from a recipe name: no separators, no leading dot, at most 80 characters."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._-")[:80]
+    return s or "run"
+
+
+# ----------------------------------------------------------------------------- the run
+
+class Run:
+    """A run folder: its paths, its recipe (read once), manifest, metrics, checkpoint, student and lock."""
+
+    def __init__(self, root: Path, recipe: Optional[Recipe] = None, *, nested: bool = False):
+        self.root = Path(root)
+        self.nested = nested  # a teacher trained for another run (RUN/teacher): never `latest`
+        self._recipe = recipe
+        self._manifest: Optional[dict] = None
+        self.pending_amendment: Optional[tuple] = None  # (recipe, changes) set by flows.prepare for --amend
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.root)!r})"
+
+    # -- construction -----------------------------------------------------------------
+    @staticmethod
+    def is_run(path: Path) -> bool:
+        return (Path(path) / RECIPE_FILE).is_file()
+
+    @classmethod
+    def open(cls, path: Optional[str | Path] = None) -> "Run":
+        """An existing run folder (default: ``runs/latest``); its recipe is read (and checked) once."""
+        if path is None or str(path) == "":
+            p = latest_run()
+            if p is None:
+                raise BadInput(f"no run given and {runs_dir() / LATEST} does not exist: run `distillctl run RECIPE` "
+                               "or `distillctl distill RECIPE` first, or name the run folder")
+        else:
+            p = Path(path)
+        if not p.is_dir():
+            raise BadInput(f"run folder not found: {p}")
+        if not cls.is_run(p):
+            raise BadInput(f"{p} is not a distillctl run folder (no {RECIPE_FILE})")
+        run = cls(p)
+        run.recipe  # noqa: B018 - read and validate now: a damaged recipe is exit 2 before any work
+        return run
+
+    @classmethod
+    def new(cls, recipe: Recipe, out: Optional[str | Path] = None) -> "Run":
+        """A run folder for a new run of ``recipe``; checks ``out`` but writes nothing yet (see ``writing``).
+
+        Under torchrun every rank names the same folder (the launcher's run id stands in for the time)
+        and only rank 0 checks it: the others never write.
+        """
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if distributed and int(os.environ.get("RANK", "0")) != 0:
+            rid = safe_name(os.environ.get("TORCHELASTIC_RUN_ID", "ddp"))
+            return cls(Path(out) if out else runs_dir() / f"{safe_name(recipe.name)}-{rid}", recipe)
+        if out:
+            root = Path(out)
+            if root.exists() and not root.is_dir():
+                raise BadInput(f"--out {root} exists and is not a folder; choose a folder path")
+            if root.is_dir():
+                if cls.is_run(root) or (root / CHECKPOINT_FILE).exists():
+                    raise BadInput(f"{root} already holds a run; continue it with --resume, or choose another --out")
+                if any(root.iterdir()):
+                    raise BadInput(f"--out {root} is not empty; choose a new or empty folder")
+        else:
+            stamp = safe_name(os.environ.get("TORCHELASTIC_RUN_ID", "ddp")) if distributed else \
+                time.strftime("%Y%m%d-%H%M%S")
+            base = runs_dir() / f"{safe_name(recipe.name)}-{stamp}"
+            root, i = base, 1
+            while root.exists():
+                root = base.with_name(f"{base.name}-{i}")
+                i += 1
+        return cls(root, recipe)
+
+    def child(self, name: str, recipe: Optional[Recipe] = None) -> "Run":
+        """A nested run (the teacher of `distillctl run`); it never moves ``latest``."""
+        if name != TEACHER_DIR:
+            raise ValueError(name)
+        return Run(self.root / name, recipe, nested=True)
+
+    @property
+    def teacher(self) -> "Run":
+        return self.child(TEACHER_DIR)
+
+    # -- the recipe ----------------------------------------------------------------------
+    @property
+    def recipe(self) -> Recipe:
+        if self._recipe is None:
+            from .recipe import load_recipe
+
+            path = self.root / RECIPE_FILE
+            try:
+                self._recipe = load_recipe(path)
+            except BadInput as err:
+                raise BadInput(f"the run's {path} is unreadable or invalid ({err.message}); it was not modified") from None
+        return self._recipe
+
+    def amend(self, new: Recipe, changes: dict) -> None:
+        """Replace the recipe with ``new`` (only AMENDABLE keys differ) and record the change in the manifest."""
+        old_hash = self.recipe.hash()
+        self._recipe = new
+        self._write(RECIPE_FILE, new.to_yaml())
+        self.manifest.setdefault("amendments", []).append(
+            {"at": _now(), "from_hash": old_hash, "to_hash": new.hash(),
+             "changes": {k: [a, b] for k, (a, b) in changes.items()}})
+        self.manifest["recipe_hash"] = new.hash()
+        self.save_manifest()
+
+    def accepted_hashes(self) -> set[str]:
+        """The run's recipe hash and every hash it had before an --amend (a checkpoint may carry any)."""
+        out = {self.recipe.hash()}
+        out.update(a.get("from_hash") for a in self.manifest.get("amendments", []))
+        return {h for h in out if h}
+
+    # -- paths ---------------------------------------------------------------------------
+    def path(self, *parts: str) -> Path:
+        """``RUN/parts...``, refusing a symlink anywhere below the run root (never write through one)."""
+        p = self.root
+        for part in parts:
+            p = p / part
+            if p.is_symlink():
+                raise BadInput(f"refusing to use {p}: it is a symbolic link inside the run folder {self.root} "
+                               "(remove it; distillctl never writes through links)")
+        return p
+
+    def _dir(self, *parts: str) -> Path:
+        d = self.path(*parts)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise storage_error(d, err) from None
+        return d
+
+    @property
+    def checkpoint_file(self) -> Path:
+        return self.path(CHECKPOINT_FILE)
+
+    @property
+    def best_file(self) -> Path:
+        return self.path(BEST_FILE)
+
+    def _model_parts(self) -> tuple[str, ...]:
+        # a run's trained network lives in RUN/student/; the teacher run nested in RUN/teacher/ keeps its
+        # network at its own root, so RUN/teacher/ itself is the teacher's timm local-dir folder
+        return () if self.nested else (STUDENT_DIR,)
+
+    @property
+    def student_dir(self) -> Path:
+        return self.path(*self._model_parts())
+
+    @property
+    def student_weights(self) -> Path:
+        return self.path(*self._model_parts(), WEIGHTS_FILE)
+
+    @property
+    def export_dir(self) -> Path:
+        return self._dir(EXPORT_DIR)
+
+    def onnx_file(self, precision: str = "fp32") -> Path:
+        return self.path(EXPORT_DIR, ONNX_FILES[precision])
+
+    def failed_file(self, final: Path) -> Path:
+        """Where an artifact that failed its gate is kept: ``model.onnx`` -> ``model.failed.onnx``."""
+        final = Path(final)
+        return final.with_name(f"{final.stem}.failed{final.suffix}")
+
+    @property
+    def engine_file(self) -> Path:
+        return self.path(EXPORT_DIR, ENGINE_FILE)
+
+    @property
+    def timing_cache(self) -> Path:
+        return self.path(EXPORT_DIR, TIMING_CACHE_FILE)
+
+    @property
+    def card_file(self) -> Path:
+        return self.path(CARD_FILE)
+
+    @property
+    def curves_png(self) -> Path:
+        return self.path(CURVES_PNG)
+
+    @property
+    def bench_png(self) -> Path:
+        return self.path(BENCH_PNG)
+
+    def relative(self, path: Path | str) -> str:
+        """``path`` relative to the run folder when inside it (what the card and reports print)."""
+        try:
+            return str(Path(path).resolve().relative_to(self.root.resolve()))
+        except ValueError:
+            return str(path)
+
+    def artifacts(self) -> dict[str, Path]:
+        """Every exported artifact present now, by the names the --json document uses."""
+        out = {}
+        if self.student_weights.is_file():
+            out["safetensors"] = self.student_weights
+        for prec, key in (("fp32", "onnx"), ("fp16", "onnx_fp16"), ("int8", "onnx_int8")):
+            if self.path(EXPORT_DIR, ONNX_FILES[prec]).is_file():
+                out[key] = self.path(EXPORT_DIR, ONNX_FILES[prec])
+        if self.path(EXPORT_DIR, ENGINE_FILE).is_file():
+            out["trt"] = self.path(EXPORT_DIR, ENGINE_FILE)
+        return out
+
+    # -- writing -------------------------------------------------------------------------
+    def _write(self, name: str, text: str) -> Path:
+        p = self.path(name)
+        atomic_write_text(p, text)
+        return p
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        p = self.path(name)
+        atomic_write_json(p, obj)
+        return p
+
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        p = self.path(name)
+        atomic_write_bytes(p, data)
+        return p
+
+    def read_json(self, name: str) -> Optional[dict]:
+        """A report of the run (export.json, bench.json), or None when absent; malformed is exit 2."""
+        p = self.path(name)
+        return read_json_file(p) if p.exists() else None
+
+    @contextmanager
+    def writing(self) -> Iterator["Run"]:
+        """Hold the folder's exclusive lock while writing it; stale temporaries are removed on entry.
+
+        A second process asking for the same folder gets exit 2 at once (no waiting, no interleaving).
+        Re-entrant within one process (``run`` holds the lock while its export and bench stages take it).
+        """
+        self._dir()
+        key = str(self.root.resolve())
+        if key in _HELD:
+            _HELD[key][1] += 1
+            try:
+                yield self
+            finally:
+                _HELD[key][1] -= 1
+            return
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise BadInput(f"another distillctl process is writing {self.root}; wait for it to finish "
+                           "(one process at a time writes a run folder)") from None
+        _HELD[key] = [fd, 1]
+        try:
+            self._remove_stale_temps()
+            yield self
+        finally:
+            del _HELD[key]
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _remove_stale_temps(self) -> None:
+        # we hold the lock: no other writer exists, so every temporary here is a killed process's leftover
+        for d in (self.root, self.root / STUDENT_DIR, self.root / EXPORT_DIR):
+            if d.is_dir() and not d.is_symlink():
+                for f in [*d.glob(".*.tmp"), *d.glob(".*.tmp.*"), *d.glob("*.staged.*")]:
+                    if f.is_file() and f not in _PENDING:
+                        f.unlink(missing_ok=True)
+
+    def create(self, command: str) -> None:
+        """Write a new run's recipe and manifest (call inside ``writing``)."""
+        self._write(RECIPE_FILE, self.recipe.to_yaml())
+        self._manifest = {"command": command, "recipe_hash": self.recipe.hash(), "seed": self.recipe.seed,
+                          "created": _now(), "status": "created", "stages": {}}
+        self.save_manifest()
+
+    # -- manifest ------------------------------------------------------------------------
+    @property
+    def manifest(self) -> dict:
+        if self._manifest is None:
+            p = self.path(MANIFEST_FILE)
+            self._manifest = read_json_file(p) if p.exists() else {}
+        return self._manifest
+
+    def save_manifest(self) -> None:
+        self.write_json(MANIFEST_FILE, self.manifest)
+
+    def start(self, *, device: str, stage: Optional[str] = None) -> None:
+        """Status ``running`` with this process's versions, device and command line."""
+        from .device import versions
+
+        m = self.manifest
+        m.setdefault("started", _now())
+        m.update(status="running", device=device, versions=versions(), argv=list(sys.argv),
+                 recipe_hash=self.recipe.hash(), seed=self.recipe.seed)
+        m.pop("ended", None)
+        m.pop("error", None)
+        if stage:
+            m.setdefault("stages", {})[stage] = "running"
+        self.save_manifest()
+
+    def set_stage(self, stage: str, status: str) -> None:
+        self.manifest.setdefault("stages", {})[stage] = status
+        self.save_manifest()
+
+    def stage_status(self, stage: str) -> Optional[str]:
+        return self.manifest.get("stages", {}).get(stage)
+
+    def update(self, **fields) -> None:
+        self.manifest.update(fields)
+        self.save_manifest()
+
+    def end(self, status: str, **fields) -> None:
+        self.manifest.update(status=status, ended=_now(), **fields)
+        self.save_manifest()
+
+    def mark_started_work(self) -> None:
+        """The run has begun real work: top-level runs become ``runs/latest``."""
+        if not self.nested:
+            set_latest(self.root)
+
+    # -- metrics -------------------------------------------------------------------------
+    def append_metrics(self, row: dict) -> None:
+        """Append one row; a torn last line (a kill during an append) is closed off first, never glued to."""
+        p = self.path(METRICS_FILE)
+        line = json.dumps(row, default=float) + "\n"
+        try:
+            fd = os.open(p, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise BadInput(f"refusing to append to {p}: it is a symbolic link") from None
+            raise storage_error(p, err) from None
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = "\n" + line
+            os.write(fd, line.encode())
+        except OSError as err:
+            raise storage_error(p, err) from None
+        finally:
+            os.close(fd)
+
+    def metrics_rows(self) -> list[dict]:
+        """Every row of metrics.jsonl. A torn last line is skipped; a malformed line elsewhere is exit 2."""
+        p = self.path(METRICS_FILE)
+        if not p.exists():
+            return []
+        try:
+            text = p.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise BadInput(f"{p} is unreadable ({err})") from None
+        lines = text.split("\n")
+        rows = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                if i == len(lines) - 1:  # no newline after it: a torn final append
+                    continue
+                raise BadInput(f"{p}, line {i + 1}, is not a JSON object (damaged file); it was not modified. "
+                               "Resuming the run rewrites it from the checkpoint") from None
+            rows.append(row)
+        return rows
+
+    def truncate_metrics(self, epochs_done: int, global_step: int) -> int:
+        """Keep the rows the checkpoint covers (steps <= global_step, epochs <= epochs_done); returns rows dropped.
+
+        Rows logged after the last checkpoint are logged again by the resumed run, so keeping them would
+        count them twice; damaged lines are dropped too.
+        """
+        p = self.path(METRICS_FILE)
+        if not p.exists():
+            return 0
+        kept, dropped = [], 0
+        for line in p.read_text(errors="replace").split("\n"):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                assert isinstance(row, dict)
+            except (ValueError, AssertionError):
+                dropped += 1
+                continue
+            is_epoch = "top1" in row and "step" not in row
+            if (is_epoch and row.get("epoch", 0) <= epochs_done) or \
+                    (not is_epoch and row.get("global_step", 0) <= global_step):
+                kept.append(line)
+            else:
+                dropped += 1
+        if dropped:
+            atomic_write_text(p, "".join(k + "\n" for k in kept))
+        return dropped
+
+    def clear_metrics(self) -> None:
+        p = self.path(METRICS_FILE)
+        if p.exists():
+            p.unlink()
+
+    # -- checkpoint ----------------------------------------------------------------------
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint_file.is_file()
+
+    def save_checkpoint(self, state: dict) -> None:
+        import torch
+
+        final = self.checkpoint_file
+        tmp = temp_path(final)
+        try:
+            torch.save(state, tmp)
+            commit(tmp, final)
+        except OSError as err:
+            discard(tmp)
+            if err.errno in _DISK_ERRORS:
+                raise storage_error(final, err) from None
+            raise
+        except RuntimeError as err:  # torch wraps write failures ("... file write failed")
+            discard(tmp)
+            raise storage_error(final, OSError(errno.EIO, str(err)[:200])) from None
+
+    def load_checkpoint(self) -> dict:
+        import torch
+
+        p = self.checkpoint_file
+        try:
+            st = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise BadInput(f"cannot read checkpoint {p} ({type(err).__name__}: {str(err)[:200]}); it is damaged or "
+                           "not a distillctl checkpoint. It was not modified") from None
+        if not isinstance(st, dict) or not {"student", "epoch", "global_step"} <= set(st):
+            raise BadInput(f"{p} is not a distillctl trainer checkpoint (missing student/epoch/global_step)")
+        return st
+
+    def save_best(self, model, info: dict) -> None:
+        sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        save_weights(self.best_file, sd, {k: json.dumps(v) for k, v in info.items()})
+
+    def load_best(self) -> Optional[dict]:
+        from .models import read_state_dict
+
+        return read_state_dict(self.best_file) if self.best_file.is_file() else None
+
+    # -- the student -----------------------------------------------------------------------
+    def save_student(self, model, config: dict) -> Path:
+        return save_student_folder(self._dir(*self._model_parts()), model, config)
+
+    def student_config(self) -> dict:
+        return read_student_config(self.student_dir)
+
+    def load_student(self, device="cpu"):
+        if not self.student_weights.is_file():
+            raise BadInput(f"{self.student_weights} not found: the run has no student yet "
+                           "(did `distillctl distill` or `distillctl run` finish?)")
+        model, cfg = load_student_folder(self.student_dir, device)
+        if cfg["architecture"] != self.recipe.student.model:
+            raise BadInput(f"{self.student_dir} holds a {cfg['architecture']} but the run's recipe says "
+                           f"{self.recipe.student.model}")
+        return model, cfg
+
+    def metrics_summary(self) -> dict:
+        return dict(self.manifest.get("metrics") or {})
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# ----------------------------------------------------------------------------- latest
+
+def set_latest(root: Path) -> None:
+    """Point ``runs/latest`` at ``root`` (a relative symlink, replaced atomically)."""
+    base = runs_dir()
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        link = base / LATEST
+        target = os.path.relpath(Path(root).resolve(), base.resolve())
+        tmp = base / f".{LATEST}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+    except OSError:  # a file system without symlinks: a text pointer
+        atomic_write_text(base / f"{LATEST}.txt", str(Path(root).resolve()))
+
+
+def latest_run() -> Optional[Path]:
+    base = runs_dir()
+    link = base / LATEST
+    if link.is_symlink() or link.exists():
+        p = link.resolve()
+        return p if p.is_dir() else None
+    txt = base / f"{LATEST}.txt"
+    if txt.is_file():
+        p = Path(txt.read_text().strip())
+        return p if p.is_dir() else None
+    return None
+
+
+# ----------------------------------------------------------------------------- targets
+
+@dataclass
+class Target:
+    """What a TARGET argument names: a run folder, a student's .safetensors, an .onnx file or an engine."""
+
+    kind: str  # run | safetensors | onnx | trt
+    path: Path  # the run root, the weights file, the .onnx file, the engine file
+    run: Optional[Run]  # the run folder the artifact belongs to, if any
+
+    @property
+    def label(self) -> str:
+        return self.run.root.name if self.run is not None else self.path.stem
+
+
+def run_of(path: Path) -> Optional[Run]:
+    """The run folder an artifact sits in (RUN/student/x, RUN/export/x or RUN/x), if any."""
+    path = Path(path)
+    for d in (path.parent, path.parent.parent):
+        if Run.is_run(d):
+            return Run.open(d)
+    return None
+
+
+def resolve_target(target: Optional[str]) -> Target:
+    """The one answer to "what does this TARGET name" (eval, bench, card)."""
+    if not target:
+        run = Run.open(None)
+        return Target("run", run.root, run)
+    p = Path(target)
+    if not p.exists():
+        raise BadInput(f"target not found: {p}")
+    if p.is_dir():
+        if Run.is_run(p):
+            run = Run.open(p)
+            return Target("run", run.root, run)
+        if (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file():
+            return Target("safetensors", p / WEIGHTS_FILE, run_of(p / WEIGHTS_FILE))
+        raise BadInput(f"{p} is neither a run folder (no {RECIPE_FILE}) nor a student folder "
+                       f"({WEIGHTS_FILE} + {CONFIG_FILE})")
+    kind = {".safetensors": "safetensors", ".onnx": "onnx"}.get(p.suffix)
+    if kind is None and p.suffix in ENGINE_SUFFIXES:
+        kind = "trt"
+    if kind is None:
+        raise BadInput(f"cannot use {p}: expected a run folder, a .safetensors, an .onnx or a "
+                       f"{'/'.join(ENGINE_SUFFIXES)} file")
+    if kind == "safetensors" and not (p.parent / CONFIG_FILE).is_file():
+        raise BadInput(f"{p.parent / CONFIG_FILE} not found: a student's .safetensors needs the config.json "
+                       "written next to it")
+    return Target(kind, p, run_of(p))
+
