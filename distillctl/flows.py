@@ -76,6 +76,9 @@ def prepare(command: str, source: Optional[str], *, overrides: Optional[list[str
     elif source:
         given = source
     run = Run.open(folder)
+    run.verify()  # a damaged file is exit 2 now, not after the folder has been touched
+    if run.has_checkpoint():
+        run.load_checkpoint()  # likewise the checkpoint (kept in memory for the resumed fit)
     made_by = run.manifest.get("command")
     if made_by and made_by != command:
         raise BadInput(f"{run.root} was made by `distillctl {made_by}`; continue it with "

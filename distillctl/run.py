@@ -287,6 +287,7 @@ class Run:
         self._recipe = recipe
         self._manifest: Optional[dict] = None
         self.pending_amendment: Optional[tuple] = None  # (recipe, changes) set by flows.prepare for --amend
+        self._checkpoint: Optional[dict] = None
 
     def __repr__(self) -> str:
         return f"Run({str(self.root)!r})"
@@ -677,6 +678,7 @@ class Run:
         import torch
 
         final = self.checkpoint_file
+        self._checkpoint = None
         tmp = temp_path(final)
         try:
             torch.save(state, tmp)
@@ -691,6 +693,9 @@ class Run:
             raise storage_error(final, OSError(errno.EIO, str(err)[:200])) from None
 
     def load_checkpoint(self) -> dict:
+        """The trainer state (read once; ``flows.prepare`` reads it before a resume touches the folder)."""
+        if self._checkpoint is not None:
+            return self._checkpoint
         import torch
 
         p = self.checkpoint_file
@@ -701,6 +706,7 @@ class Run:
                            "not a distillctl checkpoint. It was not modified") from None
         if not isinstance(st, dict) or not {"student", "epoch", "global_step"} <= set(st):
             raise BadInput(f"{p} is not a distillctl trainer checkpoint (missing student/epoch/global_step)")
+        self._checkpoint = st
         return st
 
     def save_best(self, model, info: dict) -> None:
@@ -728,6 +734,16 @@ class Run:
             raise BadInput(f"{self.student_dir} holds a {cfg['architecture']} but the run's recipe says "
                            f"{self.recipe.student.model}")
         return model, cfg
+
+    def verify(self) -> None:
+        """Read every file the run's commands rely on; a damaged one is exit 2 before anything is written."""
+        self.recipe  # noqa: B018
+        self.manifest  # noqa: B018
+        self.metrics_rows()
+        if self.student_weights.exists():
+            self.student_config()
+        for name in (EXPORT_JSON, BENCH_JSON):
+            self.read_json(name)
 
     def metrics_summary(self) -> dict:
         return dict(self.manifest.get("metrics") or {})

@@ -313,8 +313,7 @@ def fit(method: nn.Module, data, cfg: TrainConfig, *, run, device: torch.device,
         if dist.main:
             dropped = run.truncate_metrics(start_epoch, global_step)
             note = f", dropped {dropped} metrics rows logged after it" if dropped else ""
-        if start_step >= steps:
-            start_epoch, start_step = start_epoch + 1, 0
+        # start_step == steps: the signal came after the epoch's last step; its validation runs on resume
         if dist.main:
             if start_epoch >= cfg.epochs:
                 log.info(f"resumed from {run.checkpoint_file}: all {cfg.epochs} epochs were already done{note}")
@@ -441,6 +440,10 @@ def fit(method: nn.Module, data, cfg: TrainConfig, *, run, device: torch.device,
             checkpoint(epoch + 1, 0)
             if dist.world_size > 1:
                 torch.distributed.barrier()
+            if stop.signum:  # the signal came during validation or the checkpoint: stop here, resumable
+                bar.stop()
+                raise Interrupted(f"interrupted by signal {stop.signum} after epoch {epoch + 1}; checkpoint written "
+                                  f"to {run.checkpoint_file}. Continue with --resume.")
             if stopped_early:
                 bar.note(f"early stop after epoch {stopped_early}: no {cfg.best_metric} gain for "
                          f"{cfg.early_stop_patience} epochs (best {best['value']:.4f} at epoch {best['epoch']})")

@@ -22,6 +22,38 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.fixture(scope="session")
+def teacher_weights(tmp_path_factory):
+    """A teacher checkpoint for ci_smoke's ViT (random init: for tests of mechanics, not accuracy)."""
+    from safetensors.torch import save_file
+
+    from distillctl.compat import import_timm
+    from distillctl.recipe import load_recipe
+
+    timm = import_timm()
+    r = load_recipe(RECIPES / "ci_smoke.yaml")
+    torch.manual_seed(0)
+    t = timm.create_model(r.teacher.model, num_classes=10, **r.teacher.kwargs)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in t.state_dict().items()}, str(path))
+    return str(path)
+
+
+def snapshot(root) -> dict:
+    """Every entry under ``root``: relative path -> (kind, mode, bytes or link target)."""
+    out = {}
+    root = Path(root)
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        if p.is_symlink():
+            out[str(p.relative_to(root))] = ("link", st.st_mode, os.readlink(p))
+        elif p.is_file():
+            out[str(p.relative_to(root))] = ("file", st.st_mode, p.read_bytes())
+        else:
+            out[str(p.relative_to(root))] = ("dir", st.st_mode, None)
+    return out
+
+
 def cli(*args, timeout=300, env=None, cwd=None):
     """Run the real console entry point in a subprocess; returns CompletedProcess."""
     import subprocess
@@ -31,3 +63,29 @@ def cli(*args, timeout=300, env=None, cwd=None):
     e.setdefault("CI", "true")
     return subprocess.run([sys.executable, "-m", "distillctl.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=e, cwd=cwd)
+
+
+class Result:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_cli(*args, cwd=None):
+    """The CLI in this process (Typer's runner): same commands, exit codes and streams, no interpreter start-up.
+
+    For tests where a separate process is not the point; kills, signals and torchrun use ``cli``.
+    """
+    from typer.testing import CliRunner
+
+    from distillctl.cli import app
+
+    old = os.getcwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        r = CliRunner().invoke(app, [str(a) for a in args], env={"CI": "true"})
+    finally:
+        os.chdir(old)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return Result(r.exit_code, r.stdout, r.stderr)

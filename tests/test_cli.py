@@ -15,23 +15,6 @@ from conftest import RECIPES, cli
 SMOKE = str(RECIPES / "ci_smoke.yaml")
 
 
-@pytest.fixture(scope="module")
-def teacher_weights(tmp_path_factory):
-    """A teacher checkpoint for ci_smoke's ViT (random init: these tests check mechanics, not accuracy)."""
-    from safetensors.torch import save_file
-
-    from distillctl.compat import import_timm
-    from distillctl.recipe import load_recipe
-
-    timm = import_timm()
-    r = load_recipe(SMOKE)
-    torch.manual_seed(0)
-    t = timm.create_model(r.teacher.model, num_classes=10, **r.teacher.kwargs)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_file({k: v.contiguous() for k, v in t.state_dict().items()}, str(path))
-    return str(path)
-
-
 def test_help_does_not_import_torch():
     code = "import sys, distillctl.cli; print('torch' in sys.modules, 'timm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split()

@@ -164,6 +164,7 @@ def export_run(run: Run, formats: list[str], *, precision: Optional[str] = None,
     from .job import ExportJob
     from .runtime import TorchPredictor, accuracy, parity
 
+    run.verify()  # a damaged file of the run is exit 2 before anything is written
     recipe = run.recipe
     ex = recipe.export
     precision = precision or ex.precision

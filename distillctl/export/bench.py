@@ -127,6 +127,7 @@ def bench_target(target: Target | str | None) -> BenchTarget:
     run = t.run
     bench = run.recipe.bench if run is not None else BenchConfig()
     if t.kind == "run":
+        run.verify()  # a damaged file of the run is exit 2 before anything is timed or written
         size = int(run.student_config()["pretrained_cfg"]["input_size"][-1])
         bt = BenchTarget(run.root.name, run, size, bench=bench)
         bt.sources["torch"] = bt.sources["torch_compile"] = run.student_dir

@@ -1,0 +1,239 @@
+"""The run folder as one owner keeps it: resume from the folder alone, refusals that change nothing,
+interrupts in every stage of `run`, ordinary file modes, robust reads of damaged files, `latest`."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import RECIPES, run_cli, snapshot
+
+SMOKE = str(RECIPES / "ci_smoke.yaml")
+# a few seconds per run: 2 steps per epoch, tiny data
+TINY = ["--set", "data.synthetic_size=96", "--set", "train.max_steps_per_epoch=2", "--set", "train.log_every=1",
+        "--set", "teacher.train.max_steps_per_epoch=2", "--set", "teacher.train.log_every=1"]
+
+
+def _distill(tmp_path, teacher_weights, *extra, out="run"):
+    return run_cli("distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", *TINY, *extra,
+                   "--out", str(tmp_path / out), "--json", cwd=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, teacher_weights):
+    """A completed distill run (2 epochs) in its own folder."""
+    tmp = tmp_path_factory.mktemp("finished")
+    r = _distill(tmp, teacher_weights, "--set", "train.epochs=2")
+    assert r.returncode == 0, r.stderr
+    return tmp / "run"
+
+
+def _manifest(run: Path) -> dict:
+    return json.loads((run / "manifest.json").read_text())
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _exactly_once(run: Path, epochs: int, steps: int) -> None:
+    rows = _rows(run)
+    step_rows = [(r["epoch"], r["step"]) for r in rows if "step" in r]
+    epoch_rows = [r["epoch"] for r in rows if "top1" in r]
+    assert step_rows == [(e, s) for e in range(1, epochs + 1) for s in range(1, steps + 1)]
+    assert epoch_rows == list(range(1, epochs + 1))
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_refused_resume_leaves_the_folder_byte_identical(finished, tmp_path):
+    before = snapshot(finished)
+    r = run_cli("distill", "--resume", str(finished), "--set", "train.epochs=31", "--json", cwd=tmp_path)
+    assert r.returncode == 2
+    doc = json.loads(r.stdout)
+    assert "train.epochs" in doc["error"] and "--amend" in doc["error"]
+    # a recipe file that is not the run's, resumed into the run
+    r = run_cli("distill", str(RECIPES / "quickstart.yaml"), "--resume", "--out", str(finished), cwd=tmp_path)
+    assert r.returncode == 2 and "differs" in r.stderr
+    assert snapshot(finished) == before
+    assert _manifest(finished)["status"] == "completed"
+
+
+def test_resume_from_the_folder_alone_and_latest(finished, tmp_path, teacher_weights):
+    r = run_cli("distill", "--resume", str(finished), "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "all 2 epochs were already done" in r.stderr and "epoch 3/2" not in r.stderr
+    _exactly_once(finished, epochs=2, steps=2)
+    # the natural guess: the recipe it was made with (+ the same overrides), resolved against runs/latest
+    assert (tmp_path / "runs" / "latest").resolve() == finished.resolve()  # the resume did real work
+    r = run_cli("distill", SMOKE, "--resume", "--set", f"teacher.weights={teacher_weights}", *TINY,
+                "--set", "train.epochs=2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
+def test_resume_of_another_commands_run_says_which(finished, tmp_path):
+    r = run_cli("train", "--resume", str(finished), cwd=tmp_path)
+    assert r.returncode == 2 and "distillctl distill --resume" in r.stderr
+
+
+def test_amend_changes_lr_and_is_recorded(tmp_path, teacher_weights):
+    r = _distill(tmp_path, teacher_weights)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    r = run_cli("distill", "--resume", str(run), "--set", "train.lr=0.01", "--set", "train.epochs=2", "--amend",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = _manifest(run)
+    assert m["amendments"][-1]["changes"] == {"train.epochs": [1, 2], "train.lr": [0.05, 0.01]}
+    assert m["recipe_hash"] == m["amendments"][-1]["to_hash"]
+    _exactly_once(run, epochs=2, steps=2)
+    # what would change the model is never amendable
+    r = run_cli("distill", "--resume", str(run), "--set", "student.model=resnet18", "--amend", cwd=tmp_path)
+    assert r.returncode == 2 and "student.model" in r.stderr
+
+
+def test_resume_with_no_checkpoint_starts_from_the_beginning(tmp_path, teacher_weights):
+    from distillctl.flows import prepare
+    from distillctl.recipe import load_recipe
+
+    recipe = load_recipe(SMOKE, [f"teacher.weights={teacher_weights}"])
+    run = prepare("distill", SMOKE, overrides=[f"teacher.weights={teacher_weights}"], out=str(tmp_path / "run"))
+    with run.writing():
+        run.create("distill")  # a run killed before its first checkpoint
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"epoch": 1, "step": 1, "global_step": 1, "loss": 1.0}\n')
+    assert recipe.hash() == run.recipe.hash()
+    r = run_cli("distill", "--resume", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "has no checkpoint yet, so the run starts from the beginning" in r.stderr
+    rows = _rows(tmp_path / "run")
+    assert [r["step"] for r in rows if "step" in r] == [5, 8]  # logged every 5 of 8 steps; the stale row gone
+
+
+# ----------------------------------------------------------------------------- run: every stage
+
+
+def _watch(pred, sig=signal.SIGINT, timeout=180):
+    """Send ``sig`` to this process once ``pred()`` holds (a real signal, delivered to the main thread)."""
+    fired = threading.Event()
+
+    def loop():
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            try:
+                ok = pred()
+            except (OSError, ValueError):
+                ok = False
+            if ok:
+                fired.set()
+                os.kill(os.getpid(), sig)
+                return
+            time.sleep(0.01)
+
+    threading.Thread(target=loop, daemon=True).start()
+    return fired
+
+
+def _stage(run: Path, name: str) -> bool:
+    return _manifest(run).get("stages", {}).get(name) == "running"
+
+
+RUN_TINY = TINY + ["--set", "teacher.train.epochs=3", "--set", "bench.iters=400", "--set", "bench.batch_sizes=[1,8]",
+                   "--set", "export.formats=[safetensors,onnx]"]
+
+
+@pytest.mark.parametrize("stage, pred", [
+    ("teacher", lambda run: (run / "teacher" / "metrics.jsonl").is_file()),
+    ("distill", lambda run: (run / "metrics.jsonl").is_file()),
+    ("export", lambda run: _stage(run, "export")),
+    ("bench", lambda run: _stage(run, "bench")),
+])
+def test_interrupt_in_each_run_stage_then_run_resume(tmp_path, stage, pred):
+    run = tmp_path / "run"
+    fired = _watch(lambda: pred(run))
+    r = run_cli("run", SMOKE, *RUN_TINY, "--out", str(run), "--json", cwd=tmp_path)
+    assert fired.is_set(), "the stage ended before the signal was sent"
+    assert r.returncode == 130, r.stderr
+    doc = json.loads(r.stdout)
+    assert f"distillctl run --resume {run}" in doc["error"]
+    m = _manifest(run)
+    assert m["status"] == "interrupted" and m["stages"][stage] == "interrupted"
+    if stage == "teacher":  # latest is the run, never its nested teacher
+        assert (tmp_path / "runs" / "latest").resolve() == run.resolve()
+    assert not list(run.rglob(".*tmp*")) and not list(run.rglob("*.staged.*"))
+    r = run_cli("run", "--resume", cwd=tmp_path)  # RUN defaults to runs/latest
+    assert r.returncode == 0, r.stderr
+    m = _manifest(run)
+    assert m["status"] == "completed" and set(m["stages"].values()) == {"completed"}
+    _exactly_once(run, epochs=1, steps=2)
+    assert (run / "export" / "model.onnx").is_file() and (run / "bench.json").is_file()
+    assert (run / "teacher" / "model.safetensors").is_file()  # the teacher's weights live in teacher/
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def test_files_are_written_0644_and_card_paths_are_relative(tmp_path):
+    r = run_cli("run", SMOKE, *RUN_TINY, "--set", "bench.iters=5", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in run.rglob("*"):
+        if p.is_file():
+            assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, p
+    card = (run / "MODEL_CARD.md").read_text()
+    assert str(tmp_path) not in card and "](bench.png)" in card and '"export/model.onnx"' in card
+    before = (run / "MODEL_CARD.md").stat().st_mtime_ns
+    r = run_cli("bench", str(run), "--batch-sizes", "2", "--iters", "3", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (run / "MODEL_CARD.md").stat().st_mtime_ns > before  # bench changed what the card reports
+    assert "| torch | torch-cpu | 2 |" in (run / "MODEL_CARD.md").read_text()
+
+
+def test_latest_only_moves_for_runs_that_started_work(finished, tmp_path, teacher_weights):
+    (tmp_path / "runs").mkdir()
+    os.symlink(finished, tmp_path / "runs" / "latest")
+    r = run_cli("distill", SMOKE, "--set", "teacher.weights=/nonexistent.safetensors", cwd=tmp_path)
+    assert r.returncode == 2
+    r = run_cli("distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--set", "student.model=vit_tiny_patch16_224",
+                "--set", "student.image_size=31", cwd=tmp_path)  # fails while building, before any work
+    assert r.returncode == 2
+    assert (tmp_path / "runs" / "latest").resolve() == finished.resolve()
+
+
+@pytest.mark.parametrize("rel, command", [
+    ("student/config.json", "eval"), ("student/config.json", "export"), ("student/config.json", "bench"),
+    ("manifest.json", "export"), ("metrics.jsonl", "export"), ("recipe.yaml", "eval"),
+    ("student/model.safetensors", "eval"), ("checkpoint.pt", "resume"), ("export/model.onnx", "eval-onnx"),
+])
+def test_damaged_files_are_exit_2_naming_the_file(finished, tmp_path, rel, command):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished, run)
+    if rel == "export/model.onnx":
+        (run / "export").mkdir(exist_ok=True)
+        (run / rel).write_bytes(b"\x08\x01\x12")  # a few bytes of protobuf, then nothing
+    elif rel == "metrics.jsonl":
+        rows = (run / rel).read_text().splitlines()
+        (run / rel).write_text(rows[0] + "\n{\"epoch\": 1, \"st\n" + "\n".join(rows[1:]) + "\n")
+    else:
+        data = (run / rel).read_bytes()
+        (run / rel).write_bytes(data[: len(data) // 2])
+    before = snapshot(run)
+    args = {"eval": ["eval", str(run)], "export": ["export", str(run), "--format", "onnx"],
+            "bench": ["bench", str(run), "--iters", "2"], "resume": ["distill", "--resume", str(run)],
+            "eval-onnx": ["eval", str(run / rel)]}[command]
+    r = run_cli(*args, "--json", cwd=tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    err = json.loads(r.stdout)["error"]
+    assert Path(rel).name in err, err
+    assert "Traceback" not in r.stderr
+    assert snapshot(run) == before  # nothing overwritten
