@@ -19,6 +19,7 @@ kept in ``RUN/tracking.json`` so a resumed run continues the same tracked run.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import numbers
@@ -63,6 +64,12 @@ def numeric_items(row: dict) -> dict[str, float]:
         if isinstance(v, numbers.Real):
             out[k] = float(v)
     return out
+
+
+def require_backends(cfg: TrackingConfig) -> None:
+    """Raise MissingCapability (exit 4) naming the extra when a backend in ``cfg.backends`` is not installed."""
+    for b in cfg.backends:
+        _require(b)
 
 
 def _require(backend: str) -> None:
@@ -126,14 +133,14 @@ class _MLflow:
     name = "mlflow"
     _STATUS = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 
-    def __init__(self, cfg: TrackingConfig, run_dir: Path, run_name: str, experiment: str, flat: dict,
-                 run_id: Optional[str]):
+    def __init__(self, cfg: TrackingConfig, run_dir: Path, store_dir: Path, run_name: str, experiment: str,
+                 flat: dict, run_id: Optional[str]):
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         for quiet in ("alembic", "mlflow.store.db.utils"):  # schema-creation chatter on a new SQLite store
             logging.getLogger(quiet).setLevel(logging.WARNING)
-        store = run_dir / "mlflow"
+        store = store_dir / "mlflow"
         if cfg.mlflow_uri:
             uri, artifacts = cfg.mlflow_uri, None
             if uri.startswith("file:") or "://" not in uri:
@@ -200,7 +207,7 @@ class _WandB:
     name = "wandb"
     _EXIT = {"finished": 0, "failed": 1, "killed": 130}
 
-    def __init__(self, cfg: TrackingConfig, run_dir: Path, run_name: str, experiment: str, params: dict,
+    def __init__(self, cfg: TrackingConfig, store_dir: Path, run_name: str, experiment: str, params: dict,
                  run_id: Optional[str]):
         if cfg.wandb_mode == "offline":
             os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # offline means no crash reports either
@@ -208,7 +215,7 @@ class _WandB:
 
         settings = wandb.Settings(silent=True, console="off", reinit="create_new", x_disable_stats=True,
                                   x_save_requirements=False, save_code=False)
-        self.run = wandb.init(mode=cfg.wandb_mode, dir=str(run_dir), project=experiment, name=run_name,
+        self.run = wandb.init(mode=cfg.wandb_mode, dir=str(store_dir), project=experiment, name=run_name,
                               id=run_id, resume="allow" if run_id else None, config=params, settings=settings)
         self.prefix = re.sub(r"[^A-Za-z0-9._-]+", "-", run_name)
 
@@ -223,10 +230,10 @@ class _WandB:
 
         for name, path in paths.items():
             art = wandb.Artifact(f"{self.prefix}-{re.sub(r'[^A-Za-z0-9._-]+', '-', name)}", type="distillctl")
-            if path.is_dir():
-                art.add_dir(str(path))
-            else:
-                art.add_file(str(path), policy="immutable")  # no staging copy of a large file
+            add = art.add_dir if path.is_dir() else art.add_file
+            # immutable: the exported files are final, so W&B references them instead of staging a copy
+            kw = {"policy": "immutable"} if "policy" in inspect.signature(add).parameters else {}
+            add(str(path), **kw)
             self.run.log_artifact(art)
 
     def close(self, status: str, step: int) -> None:
@@ -247,20 +254,23 @@ class Tracker:
 
     @classmethod
     def open(cls, cfg: TrackingConfig, run_dir: str | Path, run_name: str, params: dict, *,
-             resume_step: Optional[int] = None) -> "Tracker":
+             resume_step: Optional[int] = None, store_dir: str | Path | None = None) -> "Tracker":
         """Open one run per backend in ``cfg.backends`` (none: a no-op tracker).
 
         ``params``: the resolved recipe (``recipe.model_dump(mode="json")``), nested or flat.
         ``resume_step``: the checkpoint's global step a resumed training restarts after; the MLflow/W&B runs
         recorded in ``RUN/tracking.json`` are continued instead of new ones. Raises
         MissingCapability (exit 4) for a backend that is not installed, BadInput for a bad URI.
+        ``store_dir`` (default ``run_dir``): where MLflow's default SQLite store and W&B's files go,
+        so the stages of one ``run`` (teacher in RUN/teacher, student in RUN) share one store.
         """
         if not cfg.backends:
             return cls([])
-        for b in cfg.backends:  # every import first: fail before creating anything
-            _require(b)
+        require_backends(cfg)  # every import first: fail before creating anything
         run_dir = Path(run_dir)
+        store = Path(store_dir) if store_dir is not None else run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
+        store.mkdir(parents=True, exist_ok=True)
         ids_path = run_dir / TRACKING_FILE
         known: dict = {}
         if resume_step is not None and ids_path.is_file():
@@ -276,9 +286,9 @@ class Tracker:
                 if b == "tensorboard":
                     sinks.append(_TensorBoard(run_dir, flat, resume_step))
                 elif b == "mlflow":
-                    sinks.append(_MLflow(cfg, run_dir, run_name, experiment, flat, known.get("mlflow_run_id")))
+                    sinks.append(_MLflow(cfg, run_dir, store, run_name, experiment, flat, known.get("mlflow_run_id")))
                 else:
-                    sinks.append(_WandB(cfg, run_dir, run_name, experiment, params, known.get("wandb_run_id")))
+                    sinks.append(_WandB(cfg, store, run_name, experiment, params, known.get("wandb_run_id")))
         except BaseException:
             for s in sinks:
                 s.close("failed", 0)

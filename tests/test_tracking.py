@@ -200,12 +200,16 @@ def test_mlflow_artifacts_round_trip(tracked, tmp_path):
                                                                            "student/model.safetensors"}
 
 
-def test_mlflow_explicit_file_store(tmp_path, monkeypatch):
-    _need("mlflow")
-    # unset while the adapter runs (it sets MLflow's opt-out for an explicit file: URI); whatever the
-    # adapter leaves is undone after the test (setitem records the original, delitem clears it now)
+@pytest.fixture
+def file_store_env(monkeypatch):
+    """MLflow's file-store opt-out unset while the adapter runs (it sets it for an explicit file: URI)
+    and put back as it was afterwards (setitem records the original, delitem clears it now)."""
     monkeypatch.setitem(os.environ, "MLFLOW_ALLOW_FILE_STORE", os.environ.get("MLFLOW_ALLOW_FILE_STORE", ""))
     monkeypatch.delitem(os.environ, "MLFLOW_ALLOW_FILE_STORE")
+
+
+def test_mlflow_explicit_file_store(tmp_path, file_store_env):
+    _need("mlflow")
     uri = (tmp_path / "mlruns").as_uri()
     cfg = TrackingConfig(backends=["mlflow"], mlflow_uri=uri, experiment="exp-a")
     with Tracker.open(cfg, tmp_path / "run", "file-store", {"train": {"lr": 0.5}}) as tracker:
@@ -218,9 +222,9 @@ def test_mlflow_explicit_file_store(tmp_path, monkeypatch):
     assert (tmp_path / "mlruns").is_dir() and not (tmp_path / "run" / "mlflow").exists()
 
 
-def test_failed_run_status(tmp_path):
+def test_failed_run_status(tmp_path, file_store_env):
     _need("mlflow")
-    cfg = TrackingConfig(backends=["mlflow"])
+    cfg = TrackingConfig(backends=["mlflow"], mlflow_uri=(tmp_path / "mlruns").as_uri())  # fast to create
     with pytest.raises(RuntimeError, match="boom"):
         with Tracker.open(cfg, tmp_path, "crash", {"name": "crash"}) as tracker:
             tracker.log({"loss": float("nan")}, 1)  # a diverged loss is still recorded
@@ -232,12 +236,15 @@ def test_failed_run_status(tmp_path):
     assert value != value  # NaN
 
 
-def test_resume_continues_the_same_runs(tmp_path):
+def test_stages_share_a_store_and_resume_continues_the_same_run(tmp_path):
     backends = [b for b in ("tensorboard", "mlflow") if b in AVAILABLE]
     if not backends:
         pytest.skip("tensorboard and mlflow are not installed (pip install '.[test]')")
     cfg = TrackingConfig(backends=backends)
     params = {"name": "resumable", "train": {"epochs": 2}}
+    # `run`: the teacher stage in RUN/teacher, then the student in RUN, one store for both
+    with Tracker.open(cfg, tmp_path / "teacher", "resumable-teacher", params, store_dir=tmp_path) as teacher:
+        teacher.log({"loss": 5.0}, 1)
     first = Tracker.open(cfg, tmp_path, "resumable", params)
     for step in (1, 2, 3, 4):
         first.log({"loss": 10.0 + step}, step)
@@ -252,11 +259,17 @@ def test_resume_continues_the_same_runs(tmp_path):
         # what the first attempt logged after the checkpoint (steps 3, 4) is replaced by the second's
         got = [(e.step, e.value) for e in _tb(tmp_path).Scalars("loss")]
         assert got == [(1, 11.0), (2, 12.0), (3, 23.0), (4, 24.0), (5, 25.0)]
+        assert [(e.step, e.value) for e in _tb(tmp_path / "teacher").Scalars("loss")] == [(1, 5.0)]
     if "mlflow" in backends:
+        assert not (tmp_path / "teacher" / "mlflow").exists()
         assert ids_after["mlflow_run_id"] == ids_before["mlflow_run_id"]  # one MLflow run, not two
         client = _mlflow_client(ids_after)
+        exp = client.get_experiment(ids_after["mlflow_experiment_id"])
+        runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+        assert set(runs) == {"resumable-teacher", "resumable"}  # two stages, one experiment, one store
         run = client.get_run(ids_after["mlflow_run_id"])
         assert run.info.status == "FINISHED" and run.data.params == {"name": "resumable", "train.epochs": "2"}
+        assert runs["resumable-teacher"].info.status == "FINISHED"
         steps = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
         assert (5, 25.0) in steps and (1, 11.0) in steps  # MLflow keeps every logged point
 
@@ -264,13 +277,30 @@ def test_resume_continues_the_same_runs(tmp_path):
 # ----------------------------------------------------------------------------- W&B (offline)
 
 
-def _wandb_records(run_dir: Path) -> list:
-    """Every record of the offline run's .wandb file (LevelDB log framing: 32 KiB blocks, 7-byte headers)."""
-    from wandb.proto import wandb_internal_pb2 as pb
+def _wandb_records(run_dir: Path, timeout: float = 60.0) -> list:
+    """The offline run's records, once its exit record is on disk.
+
+    ``run.finish()`` returns when W&B's service has handled the exit; its writer may flush the
+    file a moment later, so wait for the exit record (a missing one after ``timeout`` fails).
+    """
+    import time
 
     files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
-    data = files[0].read_bytes()
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _parse_wandb(files[0].read_bytes())
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def _parse_wandb(data: bytes) -> list:
+    """Records of a .wandb file (LevelDB log framing: 32 KiB blocks, 7-byte chunk headers)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    if len(data) < 7:
+        return []  # not even the file header yet
     assert data[:4] == b":W&B"
     block, pos, chunks, records = 32768, 7, b"", []
     while pos + 7 <= len(data):
@@ -282,6 +312,8 @@ def _wandb_records(run_dir: Path) -> list:
         if length == 0 and kind == 0:
             pos += left
             continue
+        if pos + 7 + length > len(data):
+            break  # a chunk still being written
         chunk = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         chunks = chunk if kind in (1, 2) else chunks + chunk  # FULL/FIRST start a record, MIDDLE/LAST extend it
