@@ -205,21 +205,29 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: AugmentCo
     if not bool((lam < 1).any()):  # nothing mixed: host-side check, no device sync
         return x, soft_targets(y, num_classes, smoothing)
 
-    idx = torch.arange(b)
-    src = torch.zeros_like(idx) if cfg.mixup_mode == "batch" else (
-        torch.minimum(idx, b - 1 - idx) if cfg.mixup_mode == "pair" else idx)
     dev = x.device
-    lam_b, cut_b = lam[src].to(dev), cut[src].to(dev)
-    box = torch.stack([y0, y1, x0, x1])[:, src].to(dev)  # [4, B]
-    partner = x.flip(0)
-    keep = torch.where(cut_b, torch.ones_like(lam_b), lam_b).to(x.dtype).view(b, 1, 1, 1)
-    out = torch.lerp(partner, x, keep)  # mixup: lam x + (1 - lam) partner; exact x where keep = 1
-    if bool(cut.any()):
-        rows = torch.arange(h, device=dev).view(1, h, 1)
-        cols = torch.arange(w, device=dev).view(1, 1, w)
-        inside = ((rows >= box[0].view(b, 1, 1)) & (rows < box[1].view(b, 1, 1))
-                  & (cols >= box[2].view(b, 1, 1)) & (cols < box[3].view(b, 1, 1)) & cut_b.view(b, 1, 1))
-        out = torch.where(inside.unsqueeze(1), partner, out)
+    if cfg.mixup_mode == "batch":  # one ratio (and box) for the batch: cheapest ops, host-side scalars
+        lam_b = lam.expand(b).to(dev)
+        if bool(cut[0]):
+            r0, r1, c0, c1 = int(y0[0]), int(y1[0]), int(x0[0]), int(x1[0])
+            out = x.clone()
+            out[:, :, r0:r1, c0:c1] = x[:, :, r0:r1, c0:c1].flip(0)
+        else:
+            out = x.flip(0).lerp_(x, float(lam[0]))  # lam x + (1 - lam) partner
+    else:
+        idx = torch.arange(b)
+        src = torch.minimum(idx, b - 1 - idx) if cfg.mixup_mode == "pair" else idx
+        lam_b, cut_b = lam[src].to(dev), cut[src].to(dev)
+        box = torch.stack([y0, y1, x0, x1])[:, src].to(dev)  # [4, B]
+        partner = x.flip(0)
+        keep = torch.where(cut_b, torch.ones_like(lam_b), lam_b).to(x.dtype).view(b, 1, 1, 1)
+        out = torch.lerp(partner, x, keep)  # mixup: lam x + (1 - lam) partner; exactly x where keep = 1
+        if bool(cut.any()):
+            rows = torch.arange(h, device=dev).view(1, h, 1)
+            cols = torch.arange(w, device=dev).view(1, 1, w)
+            inside = ((rows >= box[0].view(b, 1, 1)) & (rows < box[1].view(b, 1, 1))
+                      & (cols >= box[2].view(b, 1, 1)) & (cols < box[3].view(b, 1, 1)) & cut_b.view(b, 1, 1))
+            out = torch.where(inside.unsqueeze(1), partner, out)
     lam_t = lam_b.view(b, 1)
     targets = soft_targets(y, num_classes)
     y_soft = lam_t * targets + (1.0 - lam_t) * targets.flip(0)
