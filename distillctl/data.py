@@ -290,18 +290,15 @@ def load_cifar_tensors(root: Optional[str], which: str, download: bool):
 
 
 class _FolderDataset(torch.utils.data.Dataset):
-    def __init__(self, root: Path, size: int, train: bool, rrc_scale: tuple[float, float]):
+    def __init__(self, root: Path, size: int, train: bool, augment: AugmentConfig):
+        from .augment import folder_transform
         from .compat import ensure_torchvision
 
         ensure_torchvision()
-        from torchvision import datasets, transforms
+        from torchvision import datasets
 
         self.inner = datasets.ImageFolder(str(root))
-        if train:
-            tf = [transforms.RandomResizedCrop(size, scale=rrc_scale)]
-        else:
-            tf = [transforms.Resize(int(round(size / 0.875))), transforms.CenterCrop(size)]
-        self.tf = transforms.Compose(tf + [transforms.PILToTensor()])  # uint8 [3, S, S]: small to ship
+        self.tf = folder_transform(size, train, augment)  # timm's pipeline -> uint8 [3, S, S]: small to ship
 
     def __len__(self):
         return len(self.inner)
@@ -362,6 +359,9 @@ class FolderBatches(BatchSource):
 
 def build_data(cfg: DataConfig, *, seed: int, device: torch.device, rank: int = 0, world_size: int = 1) -> DataBundle:
     """Build train/val batch sources for the recipe's dataset."""
+    from .augment import check_dataset
+
+    check_dataset(cfg)  # per-image augment keys are ImageFolder-only
     size = cfg.image_size
     if cfg.dataset == "imagefolder":
         if not cfg.root:
@@ -370,8 +370,8 @@ def build_data(cfg: DataConfig, *, seed: int, device: torch.device, rank: int = 
         for split in ("train", "val"):
             if not (root / split).is_dir():
                 raise BadInput(f"ImageFolder root {root} must contain '{split}/' with one folder per class")
-        tr = _FolderDataset(root / "train", size, True, cfg.augment.rrc_scale)
-        va = _FolderDataset(root / "val", size, False, cfg.augment.rrc_scale)
+        tr = _FolderDataset(root / "train", size, True, cfg.augment)
+        va = _FolderDataset(root / "val", size, False, cfg.augment)
         if tr.inner.classes != va.inner.classes:
             raise BadInput(f"train/ and val/ class folders differ under {root}")
         common = dict(image_size=size, seed=seed, device=device, workers=cfg.num_workers)

@@ -26,10 +26,54 @@ class _Strict(BaseModel):
 
 
 class AugmentConfig(_Strict):
+    """Augmentation keys. Crop/flip and Mixup/CutMix work for every dataset (on the training device);
+    auto_augment, color_jitter and random erasing are timm's per-image ops, ImageFolder only."""
+
     hflip: bool = False
     random_crop_padding: int = Field(0, ge=0, description="CIFAR-style pad-and-crop, in pixels at image_size")
-    random_resized_crop: bool = False
+    random_resized_crop: bool = Field(False, description="in-memory data; ImageFolder training always crops")
     rrc_scale: tuple[float, float] = (0.08, 1.0)
+    auto_augment: Optional[str] = Field(None, description="timm policy such as rand-m9-mstd0.5-inc1, "
+                                        "augmix-m5-w4-d2, original, or trivialaugment (ImageFolder)")
+    color_jitter: Optional[float] = Field(None, ge=0, description="brightness/contrast/saturation factor (ImageFolder)")
+    re_prob: float = Field(0.0, ge=0, le=1, description="random erasing probability per image (ImageFolder)")
+    re_mode: Literal["const", "rand", "pixel"] = Field("const", description="erase with the mean colour, "
+                                                       "one random colour, or per-pixel noise")
+    re_count: int = Field(1, ge=1, description="at most this many erased boxes per image")
+    mixup_alpha: float = Field(0.0, ge=0, description="Beta(alpha, alpha) for Mixup; 0 = off")
+    cutmix_alpha: float = Field(0.0, ge=0, description="Beta(alpha, alpha) for CutMix; 0 = off")
+    mixup_prob: float = Field(1.0, ge=0, le=1, description="probability of mixing a batch (or sample)")
+    mixup_switch_prob: float = Field(0.5, ge=0, le=1, description="CutMix instead of Mixup when both are on")
+    mixup_mode: Literal["batch", "pair", "elem"] = Field("batch", description="one ratio per batch, pair or sample")
+
+    @field_validator("rrc_scale")
+    @classmethod
+    def _check_scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0 < v[0] <= v[1] <= 1):
+            raise ValueError(f"expected 0 < MIN <= MAX <= 1 (area fractions), for example [0.08, 1.0]; got {list(v)}")
+        return v
+
+    @field_validator("auto_augment")
+    @classmethod
+    def _check_policy(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        from .augment import check_auto_augment
+
+        check_auto_augment(v)  # builds the policy once, so a typo fails at validate time
+        return v
+
+    @model_validator(mode="after")
+    def _check_jitter(self) -> "AugmentConfig":
+        if self.auto_augment is not None and self.color_jitter is not None:
+            raise ValueError(f"color_jitter is ignored by timm when auto_augment is set (auto_augment "
+                             f"{self.auto_augment!r} already changes colour); set one of them, not both")
+        return self
+
+    @property
+    def mixing(self) -> bool:
+        """True when Mixup or CutMix can change a batch."""
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.mixup_prob > 0
 
 
 class DataConfig(_Strict):
@@ -135,6 +179,26 @@ class BenchConfig(_Strict):
     threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch and ONNX Runtime")
 
 
+class TrackingConfig(_Strict):
+    """Experiment tracking (off by default): where metrics, the recipe and the artifacts also go."""
+
+    backends: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="any of tensorboard, mlflow, wandb (each an optional extra)")
+    experiment: Optional[str] = Field(None, description="MLflow experiment / W&B project; default the recipe name")
+    mlflow_uri: Optional[str] = Field(None, description="MLflow tracking URI; default a SQLite store in the "
+                                      "run folder (RUN/mlflow/mlflow.db)")
+    wandb_mode: Literal["offline", "online"] = Field("offline", description="offline writes RUN/wandb only; "
+                                                     "`wandb sync` uploads it later")
+
+    @field_validator("backends")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        dup = sorted({b for b in v if v.count(b) > 1})
+        if dup:
+            raise ValueError(f"each backend once, {dup} appear(s) more than once in {v}")
+        return v
+
+
 class Recipe(_Strict):
     version: int = RECIPE_VERSION
     name: str = "run"
@@ -146,6 +210,7 @@ class Recipe(_Strict):
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
     bench: BenchConfig = BenchConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
