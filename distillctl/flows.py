@@ -65,7 +65,9 @@ def prepare(command: str, source: Optional[str], *, overrides: Optional[list[str
             raise BadInput(f"give a RECIPE: distillctl {command} RECIPE (or --resume RUN to continue a run)")
         if Path(source).is_dir():
             raise BadInput(f"{source} is a folder; to continue a run use: distillctl {command} --resume {source}")
-        return Run.new(load_recipe(source, overrides), out)
+        run = Run.new(load_recipe(source, overrides), out)
+        _require_tracking(run.recipe)
+        return run
 
     given = None
     folder: Optional[str] = out
@@ -99,7 +101,15 @@ def prepare(command: str, source: Optional[str], *, overrides: Optional[list[str
                 raise BadInput(f"--amend can change only {', '.join(AMENDABLE)}; these keys would change what the "
                                f"run trains: {', '.join(bad[:8])}. Start a new run for them")
             run.pending_amendment = (requested, changes)
+    _require_tracking(run.pending_amendment[0] if run.pending_amendment else run.recipe)
     return run
+
+
+def _require_tracking(recipe: Recipe) -> None:
+    if recipe.tracking.backends:
+        from .tracking import require_backends
+
+        require_backends(recipe.tracking)  # a missing library is exit 4 before any folder is written
 
 
 def status_of(err: BaseException) -> str:
@@ -151,9 +161,9 @@ def execute(command: str, run: Run, body: Callable[[Run], dict], *, device: str)
 
 @contextmanager
 def stage(run: Run, name: str):
-    if _is_main():
-        run.set_stage(name, "running")
-    try:
+    try:  # the mark is inside the try: a signal right after it still records the stage as interrupted
+        if _is_main():
+            run.set_stage(name, "running")
         yield
     except BaseException as err:
         if _is_main():
@@ -243,10 +253,22 @@ def _train(run: Run, recipe: Recipe, *, supervised: bool, role: str, device: str
             log.info(f"  teacher top1={teacher_metrics['top1']:.4f} top5={teacher_metrics['top5']:.4f}")
         if extra:
             log.info(f"  training-only modules: {extra / 1e6:.2f}M params")
+    from .augment import BatchMixer
+
+    mixer = BatchMixer(recipe.data.augment, data.num_classes, seed=recipe.seed, rank=dist.rank)
+    tracker = _tracker(run, recipe, resume) if dist.main else None
     t0 = time.perf_counter()
     bar = Progress(label or role, bar=progress and dist.main) if dist.main else Progress(None)
-    res = fit(method, data, recipe.train, run=run, device=dev, student_view=s_view, teacher_view=t_view, dist=dist,
-              resume=resume, progress=bar, checks=Checks(data.num_classes, teacher_metrics.get("top1")))
+    try:
+        res = fit(method, data, recipe.train, run=run, device=dev, student_view=s_view, teacher_view=t_view,
+                  dist=dist, resume=resume, progress=bar, checks=Checks(data.num_classes, teacher_metrics.get("top1")),
+                  tracker=tracker, mix=mixer if mixer.active else None)
+    except BaseException as err:
+        if tracker is not None:
+            tracker.close("killed" if isinstance(err, (Interrupted, KeyboardInterrupt)) else "failed")
+        raise
+    if tracker is not None:
+        tracker.close("finished")
     train_s = time.perf_counter() - t0
     out = {"run_dir": str(run.root), "artifacts": {"checkpoint": str(run.checkpoint_file)}, "metrics": {}}
     if dist.main:
@@ -272,6 +294,20 @@ def _train(run: Run, recipe: Recipe, *, supervised: bool, role: str, device: str
         which = f"best epoch {chosen['epoch']}" if chosen["weights"] == "best" else "last epoch"
         log.info(f"  {role} top1={res['top1']:.4f} top5={res['top5']:.4f} ({train_s:.1f}s, {which}) -> {path}")
     return out
+
+
+def _tracker(run: Run, recipe: Recipe, resume: bool, *, step: Optional[int] = None):
+    """The run's experiment tracker (a no-op unless ``tracking.backends``); a teacher shares its parent's store."""
+    from .tracking import Tracker
+
+    if not recipe.tracking.backends:
+        return None
+    if step is None and resume and run.has_checkpoint():
+        step = int(run.load_checkpoint()["global_step"])
+    store = run.root.parent if run.nested else run.root
+    name = f"{run.root.parent.name}/{run.root.name}" if run.nested else run.root.name
+    return Tracker.open(recipe.tracking, run.root, name, recipe.model_dump(mode="json"), resume_step=step,
+                        store_dir=store)
 
 
 def train_run(run: Run, *, device: str = "auto", resume: bool = False, progress: bool = False,

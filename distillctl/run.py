@@ -11,6 +11,7 @@ Layout of ``RUN/`` (nothing outside this module spells these names)::
     teacher/             a nested run: the teacher that `distillctl run` trained for this run
     export/              model.onnx, model.fp16.onnx, model.int8.onnx, model.engine (+ .json), timing cache
     export.json  bench.json  bench.png  MODEL_CARD.md  training_curves.png
+    tracking.json  tensorboard/  mlflow/  wandb/    only with tracking.backends
 
 Writes are atomic (a temporary sibling, then a rename: a kill never leaves a half-written file under
 a final name), use ordinary modes (0644 under the usual umask), never follow a symlink planted inside
@@ -56,6 +57,9 @@ BENCH_PNG = "bench.png"
 CARD_FILE = "MODEL_CARD.md"
 CURVES_PNG = "training_curves.png"
 LATEST = "latest"
+TRACKING_FILE = "tracking.json"  # ids of the tracked MLflow / W&B runs, so a resume continues them
+TENSORBOARD_DIR = "tensorboard"
+MLFLOW_DIR = "mlflow"  # MLflow's default SQLite store and its artifacts (W&B writes its own wandb/)
 
 # Recipe keys a resumed run may change with --amend: they steer the optimisation or the reports,
 # never the shapes of the models, the data or the method's modules.

@@ -31,8 +31,8 @@ from typing import Any, Optional
 
 from .errors import BadInput, Interrupted, MissingCapability
 from .recipe import TrackingConfig
+from .run import MLFLOW_DIR, TENSORBOARD_DIR, TRACKING_FILE  # the run folder's names live with its owner
 
-TRACKING_FILE = "tracking.json"
 STEP_KEYS = ("step", "global_step")  # the x axis, not a metric
 STATUSES = ("finished", "failed", "killed")
 MLFLOW_PARAM_MAX = 6000  # characters MLflow keeps in one parameter value
@@ -106,7 +106,7 @@ class _TensorBoard:
     def __init__(self, run_dir: Path, flat: dict, resume_step: Optional[int]):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.dir = run_dir / "tensorboard"
+        self.dir = run_dir / TENSORBOARD_DIR
         # on resume, what the first attempt logged after the checkpoint's step is hidden (purge_step)
         purge = None if resume_step is None else resume_step + 1
         self.writer = SummaryWriter(str(self.dir), purge_step=purge, flush_secs=30)
@@ -140,7 +140,7 @@ class _MLflow:
 
         for quiet in ("alembic", "mlflow.store.db.utils"):  # schema-creation chatter on a new SQLite store
             logging.getLogger(quiet).setLevel(logging.WARNING)
-        store = store_dir / "mlflow"
+        store = store_dir / MLFLOW_DIR
         if cfg.mlflow_uri:
             uri, artifacts = cfg.mlflow_uri, None
             if uri.startswith("file:") or "://" not in uri:

@@ -310,6 +310,8 @@ def fit(method: nn.Module, data, cfg: TrainConfig, *, run, device: torch.device,
         _set_rng_state(st["rng"])
         if hasattr(data.train, "load_state"):
             data.train.load_state(st.get("data_rng"))
+        if hasattr(mix, "load_state"):
+            mix.load_state(st.get("mix_rng"))
         if dist.main:
             dropped = run.truncate_metrics(start_epoch, global_step)
             note = f", dropped {dropped} metrics rows logged after it" if dropped else ""
@@ -335,6 +337,7 @@ def fit(method: nn.Module, data, cfg: TrainConfig, *, run, device: torch.device,
             "epoch": epoch, "step": step, "global_step": global_step, "rng": _rng_state(),
             "data_rng": data.train.state() if hasattr(data.train, "state") else None,
             "recipe_hash": run.recipe.hash(), "best": best, "first_loss": first_loss, "history": history,
+            "mix_rng": mix.state() if hasattr(mix, "state") else None,
         })
 
     def kept() -> str:

@@ -147,6 +147,17 @@ def _settle(run: Run, art, final: Optional[Path], passed: bool) -> Path:
     return dest
 
 
+def _track_artifacts(run: Run, paths: dict) -> None:
+    """Attach the artifacts that passed to the run's tracked experiment (continuing its tracked run)."""
+    from ..tracking import Tracker
+
+    steps = [r.get("global_step", 0) for r in run.metrics_rows()]
+    tracker = Tracker.open(run.recipe.tracking, run.root, run.root.name, run.recipe.model_dump(mode="json"),
+                           resume_step=max(steps, default=0), store_dir=run.root)
+    with tracker:
+        tracker.log_artifacts({n: Path(p) for n, p in paths.items()})
+
+
 def export_run(run: Run, formats: list[str], *, precision: Optional[str] = None, dynamic_batch: Optional[str] = None,
                opset: Optional[int] = None, max_parity_diff: Optional[float] = None, min_top1: Optional[float] = None,
                max_latency_ms: Optional[float] = None, device: str = "auto", write_card: bool = True) -> dict:
@@ -282,6 +293,8 @@ def export_run(run: Run, formats: list[str], *, precision: Optional[str] = None,
             from .card import write_model_card
 
             write_model_card(run)
+        if recipe.tracking.backends:
+            _track_artifacts(run, {n: p for n, p in paths.items() if n not in bad_artifacts})
     if failed:
         raise GateFailed("export gate failed: " + "; ".join(g.describe() for g in failed)
                          + f". Failing artifacts are kept as *.failed.*; figures are in {run.path(EXPORT_JSON)}.",
