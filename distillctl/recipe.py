@@ -728,5 +728,6 @@ def _meta_params(cfg: ModelConfig, where: str, num_classes: int) -> Optional[int
 
 def model_build_error(cfg: ModelConfig, where: str, err: BaseException) -> str:
     """The message for timm refusing to build a recipe's model."""
+    text = _one_line(err, 200)
     return (f"timm cannot build {where}.model {cfg.model} with {where}.kwargs {short(cfg.kwargs)}: "
-            f"{type(err).__name__}: {_one_line(err, 200)}; fix {where}.kwargs (or remove them)")
+            f"{type(err).__name__}{': ' + text if text else ''}; fix {where}.kwargs (or remove them)")
