@@ -102,7 +102,7 @@ def create_model(cfg: ModelConfig, num_classes: int, *, allow_new_head: bool = F
     This is where recipe values reach timm, so anything timm raises while building becomes BadInput
     naming the model and its kwargs (a ``patch_size: 0`` is a ZeroDivisionError deep inside timm).
     """
-    from .recipe import StudentConfig, TeacherConfig, check_model, model_build_error, short
+    from .recipe import StudentConfig, TeacherConfig, check_model, clip, model_build_error
 
     where = "teacher" if isinstance(cfg, TeacherConfig) else "student" if isinstance(cfg, StudentConfig) else "model"
     timm = import_timm()
@@ -116,7 +116,7 @@ def create_model(cfg: ModelConfig, num_classes: int, *, allow_new_head: bool = F
     except Exception as err:  # the boundary of user input: timm's own errors are the recipe's to fix
         if pretrained:
             raise BadInput(f"could not fetch pretrained weights for {cfg.model} ({type(err).__name__}: "
-                           f"{short(str(err))[1:-1]}). Offline machines need a local weights file in the "
+                           f"{clip(err)}). Offline machines need a local weights file in the "
                            f"recipe's `{where}.weights`.") from None
         raise BadInput(model_build_error(cfg, where, err)) from None
     if cfg.weights:

@@ -85,7 +85,8 @@ def short(value: Any, limit: int = MAX_QUOTE) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _one_line(text: str, limit: int = 400) -> str:
+def clip(text: Any, limit: int = MAX_QUOTE) -> str:
+    """Text (or an exception's text) on one line, cut to ``limit`` characters."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -467,22 +468,31 @@ if _CParser is not None:
             yaml.resolver.Resolver.__init__(self)
 
 
-def safe_yaml(text: str, source: str) -> Any:
-    """Parse YAML text with the bounded safe loader. Raises BadInput naming ``source`` and the line."""
+def _load(text: str) -> Any:
     loader = (_CLoader if _CParser is not None else _PyLoader)(text)
     try:
         return loader.get_single_data()
-    except _Limit as lim:
-        line = f" at line {lim.mark.line + 1}" if lim.mark is not None else ""
-        raise BadInput(f"{source}: refused: {lim.what}{line}; a recipe is a small mapping of settings") from None
-    except yaml.YAMLError as err:
-        why = _one_line(str(err).replace('in "<unicode string>", ', "").replace("<unicode string>", source))
-        raise BadInput(f"{source} is not valid YAML: {why}") from None
-    except Exception as err:  # e.g. an integer past Python's digit limit: still the user's text
-        why = _one_line(str(err).split(";")[0], 200)
-        raise BadInput(f"{source}: cannot read a value ({type(err).__name__}: {why})") from None
     finally:
         loader.dispose()
+
+
+def _refusal(lim: _Limit, source: str) -> BadInput:
+    line = f" at line {lim.mark.line + 1}" if lim.mark is not None else ""
+    return BadInput(f"{source}: refused: {lim.what}{line}; a recipe is a small mapping of settings")
+
+
+def safe_yaml(text: str, source: str) -> Any:
+    """Parse YAML text with the bounded safe loader. Raises BadInput naming ``source`` and the line."""
+    try:
+        return _load(text)
+    except _Limit as lim:
+        raise _refusal(lim, source) from None
+    except yaml.YAMLError as err:
+        why = clip(str(err).replace('in "<unicode string>", ', "").replace("<unicode string>", source), 400)
+        raise BadInput(f"{source} is not valid YAML: {why}") from None
+    except Exception as err:  # e.g. an integer past Python's digit limit: still the user's text
+        why = clip(str(err).split(";")[0], 200)
+        raise BadInput(f"{source}: cannot read a value ({type(err).__name__}: {why})") from None
 
 
 def check_shape(raw: Any, source: str = "recipe") -> None:
@@ -506,7 +516,7 @@ def check_shape(raw: Any, source: str = "recipe") -> None:
                 if not isinstance(k, str):
                     raise BadInput(f"{source}: key {short(k, 60)}{where} must be text; quote it (YAML reads "
                                    "yes/no/on/off as booleans and bare digits as numbers)")
-                stack.append((v, depth + 1, f"{loc}.{short(k, 40)[1:-1]}" if loc else short(k, 40)[1:-1]))
+                stack.append((v, depth + 1, f"{loc}.{clip(k, 40)}" if loc else clip(k, 40)))
         elif isinstance(obj, (list, tuple)):
             stack.extend((v, depth + 1, f"{loc}[{i}]") for i, v in enumerate(obj))
         elif isinstance(obj, bool) or obj is None or isinstance(obj, str):
@@ -524,10 +534,10 @@ def _parse_value(text: str) -> Any:
     if text == "":
         return ""
     try:
-        return safe_yaml(text, "--set value")
-    except BadInput as err:
-        if "refused" in err.message:  # a hostile value stays an error, not a string
-            raise
+        return _load(text)
+    except _Limit as lim:  # a hostile value stays an error, never a string
+        raise _refusal(lim, "--set value") from None
+    except Exception:
         return text  # not YAML: take it as the literal text
 
 
@@ -550,7 +560,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if child is None:
                 child = node[p] = {}
             if not isinstance(child, dict):
-                raise BadInput(f"--set {short(key)}: '{short(p, 60)[1:-1]}' is a value, not a section")
+                raise BadInput(f"--set {short(key)}: '{clip(p, 60)}' is a value, not a section")
             node = child
         node[parts[-1]] = _parse_value(value)
     return raw
@@ -561,7 +571,7 @@ def _format_errors(err: ValidationError, method_name: Optional[str], where: str)
     keys = valid_keys(method_name)
     errors = err.errors(include_url=False)
     for e in errors[:MAX_LISTED_ERRORS]:
-        loc = ".".join(short(p, 60) if not isinstance(p, str) else short(p, 60)[1:-1] for p in e["loc"])
+        loc = ".".join(clip(p, 60) for p in e["loc"])
         if where:
             loc = f"{where}.{loc}" if loc else where
         if e["type"] == "extra_forbidden":
@@ -569,7 +579,7 @@ def _format_errors(err: ValidationError, method_name: Optional[str], where: str)
             lines.append(f"unknown key '{loc}'{hint}")
         else:
             got = e.get("input")
-            msg = _one_line(e["msg"], 300).removeprefix("Value error, ")
+            msg = clip(e["msg"], 300).removeprefix("Value error, ")
             got_s = "" if isinstance(got, dict) or short(got) in msg else f" (got {short(got)})"
             lines.append(f"{loc}: {msg}{got_s}" if loc else f"{msg}{got_s}")
     if len(errors) > MAX_LISTED_ERRORS:
@@ -622,7 +632,7 @@ def read_raw(path: str | Path) -> dict:
         with open(path, "rb") as f:
             data = f.read(MAX_RECIPE_BYTES + 1)  # the file may grow after stat
     except OSError as err:
-        raise BadInput(f"cannot read recipe {path}: {_one_line(err, 200)}") from None
+        raise BadInput(f"cannot read recipe {path}: {clip(err, 200)}") from None
     if len(data) > MAX_RECIPE_BYTES:
         raise BadInput(f"recipe {path} is larger than {MAX_RECIPE_BYTES} bytes; a recipe is a small mapping of settings")
     try:
@@ -728,6 +738,6 @@ def _meta_params(cfg: ModelConfig, where: str, num_classes: int) -> Optional[int
 
 def model_build_error(cfg: ModelConfig, where: str, err: BaseException) -> str:
     """The message for timm refusing to build a recipe's model."""
-    text = _one_line(err, 200)
+    text = clip(err, 200)
     return (f"timm cannot build {where}.model {cfg.model} with {where}.kwargs {short(cfg.kwargs)}: "
             f"{type(err).__name__}{': ' + text if text else ''}; fix {where}.kwargs (or remove them)")

@@ -556,7 +556,7 @@ class TestCifar:
         data = np.arange(4 * 3072, dtype=np.int64).astype(np.uint8).reshape(4, 3072)
         _cifar(tmp_path, {b"data": data, b"labels": np.array([3, 2, 1, 0])})
         d = build_data(DataConfig(dataset="cifar10", root=str(tmp_path), val_batch_size=4), seed=0, device=CPU)
-        x, y = next(iter(d.val))
+        _, y = next(iter(d.val))
         assert y.tolist() == [3, 2, 1, 0] and d.val_size == 4 and d.train_size == 50
 
     def test_batch_file_missing(self, tmp_path):
@@ -636,3 +636,13 @@ class TestCLI:
         assert out.returncode == 2 and "Traceback" not in out.stderr
         doc = json.loads(out.stdout)
         assert doc["exit_code"] == 2 and doc["status"] == "error" and "name:" in doc["error"]
+
+    def test_recipe_module_imports_neither_torch_nor_timm(self):
+        # the timm check happens inside validation, so `distillctl --help` stays fast
+        import subprocess
+        import sys
+
+        code = "import sys, distillctl.recipe; print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, PYTHONPATH=str(RECIPES.parent)))
+        assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-1000:]
