@@ -624,6 +624,8 @@ def read_raw(path: str | Path) -> dict:
     path = Path(path)
     try:
         if not path.is_file():
+            if path.exists():  # a folder, FIFO or device: never read (a FIFO would block, /dev/zero never ends)
+                raise BadInput(f"recipe {path} is not a regular file; pass a .yaml recipe file")
             raise BadInput(f"recipe file not found: {path}")
         size = path.stat().st_size
         if size > MAX_RECIPE_BYTES:

@@ -176,13 +176,13 @@ class TestParsingLimits:
 
     def test_missing_file_and_folder_and_device(self, tmp_path):
         _refused(load_recipe, tmp_path / "nope.yaml", match="not found")
-        _refused(load_recipe, tmp_path, match="not found")
-        _refused(load_recipe, "/dev/zero", match="not found")  # not a regular file: never read forever
+        _refused(load_recipe, tmp_path, match="not a regular file")
+        _refused(load_recipe, "/dev/zero", match="not a regular file")  # never read forever
 
     def test_fifo_is_not_read(self, tmp_path):
         fifo = tmp_path / "r.yaml"
         os.mkfifo(fifo)
-        _refused(load_recipe, fifo, match="not found", max_s=2.0)
+        _refused(load_recipe, fifo, match="not a regular file", max_s=2.0)
 
 
 # ----------------------------------------------------------------------------- message size
