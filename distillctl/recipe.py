@@ -32,7 +32,7 @@ RECIPE_VERSION = 1
 MAX_RECIPE_BYTES = 1 << 20  # the recipe file
 MAX_SET_BYTES = 16 << 10  # one --set KEY=VALUE
 MAX_DEPTH = 32  # nesting levels: sections, kwargs, lists (a scalar counts as one level)
-MAX_NODES = 100_000  # values in the whole recipe, counted after YAML aliases are expanded
+MAX_NODES = 20_000  # values in the whole recipe, counted after YAML aliases are expanded (~100x a real one)
 MAX_ALIASES = 100  # *alias references in one document
 MAX_INT = 2 ** 63 - 1  # anything larger cannot reach torch or JSON intact
 MAX_QUOTE = 200  # characters of a user value quoted in an error message
