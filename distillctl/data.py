@@ -12,6 +12,7 @@ the data path never limits a GPU. ImageFolder trees go through a DataLoader with
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import sys
 from dataclasses import dataclass
@@ -261,35 +262,139 @@ def _download_cifar(root: Path, which: str) -> None:
     tmp.unlink()
 
 
+MAX_CIFAR_FILE = 2 << 30  # a real batch file is 31 MB (CIFAR-10) or 154 MB (CIFAR-100 train)
+
+
+def _user_path(text: str, what: str) -> Path:
+    try:
+        return Path(text).expanduser()
+    except RuntimeError as err:  # '~nobody/...'
+        raise BadInput(f"{what} {text!r}: {err}") from None
+
+
+def read_cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CIFAR python batch as uint8 ``[N, 3, 32, 32]`` images and int64 ``[N]`` labels.
+
+    The file is a pickle, so it is read with the restricted unpickler and then checked for the
+    structure CIFAR's batches have (a dict with ``data`` [N, 3072] uint8 and N labels in range);
+    anything else is BadInput naming the file, never an error deep inside torch.
+    """
+    import numpy as np
+
+    try:
+        if not path.is_file():
+            raise BadInput(f"CIFAR batch {path} is missing (or not a regular file); expected the extracted "
+                           "python version of the data set under data.root")
+        if path.stat().st_size > MAX_CIFAR_FILE:
+            raise BadInput(f"CIFAR batch {path} is {path.stat().st_size} bytes, far larger than any CIFAR batch")
+        with open(path, "rb") as f:
+            d = _SafeUnpickler(f, encoding="latin1").load()
+    except BadInput:
+        raise
+    except pickle.UnpicklingError as err:
+        raise BadInput(f"cannot read {path}: {err}") from None
+    except Exception as err:  # truncated, not a pickle, numpy refusing its arguments: a malformed file
+        raise BadInput(f"cannot read {path}: not a CIFAR python batch ({type(err).__name__}: {str(err)[:200]})") from None
+
+    def bad(what: str) -> BadInput:
+        return BadInput(f"{path} is not a CIFAR python batch: {what}; re-extract the data set's python version")
+
+    if not isinstance(d, dict):
+        raise bad(f"expected a dict with 'data' and '{label_key}', found a {type(d).__name__}")
+    d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
+    for key in ("data", label_key):
+        if key not in d:
+            raise bad(f"no '{key}' entry (found {sorted(map(str, d))[:8]})")
+    data, labels = d["data"], d[label_key]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        found = (f"{data.dtype} array of shape {list(data.shape)}" if isinstance(data, np.ndarray)
+                 else type(data).__name__)
+        raise bad(f"'data' must be a uint8 array [N, 3072], found a {found}")
+    if isinstance(labels, np.ndarray):
+        labels = labels.tolist()
+    if not isinstance(labels, (list, tuple)) or not all(type(v) is int for v in labels):
+        raise bad(f"'{label_key}' must be a list of integers")
+    if len(labels) != data.shape[0]:
+        raise bad(f"{data.shape[0]} images but {len(labels)} labels")
+    if labels and not (0 <= min(labels) and max(labels) < num_classes):
+        raise bad(f"labels must lie in [0, {num_classes - 1}], found {min(labels)}..{max(labels)}")
+    x = torch.from_numpy(np.ascontiguousarray(data)).view(-1, 3, 32, 32)
+    return x, torch.tensor(labels, dtype=torch.long)
+
+
 def load_cifar_tensors(root: Optional[str], which: str, download: bool):
     if root is None:
         raise BadInput(f"data.dataset: {which} needs data.root, the folder holding the extracted python version")
-    base, train_files, test_file, key = _cifar_files(Path(root).expanduser(), which)
+    root_p = _user_path(root, "data.root")
+    base, train_files, test_file, key = _cifar_files(root_p, which)
     if not base.is_dir():
         if download:
-            _download_cifar(Path(root).expanduser(), which)
+            _download_cifar(root_p, which)
         else:
             raise BadInput(f"{which} not found at {base}; download it there or set data.download: true (needs network)")
+    nc = 10 if which == "cifar10" else 100
 
     def read(names):
-        xs, ys = [], []
-        for n in names:
-            try:
-                with open(base / n, "rb") as f:
-                    d = _SafeUnpickler(f, encoding="latin1").load()
-            except (OSError, pickle.UnpicklingError, EOFError) as err:
-                raise BadInput(f"cannot read {base / n}: {err}") from None
-            xs.append(torch.from_numpy(d["data"]).view(-1, 3, 32, 32))
-            ys.append(torch.tensor(d[key], dtype=torch.long))
-        return torch.cat(xs), torch.cat(ys)
+        parts = [read_cifar_batch(base / n, key, nc) for n in names]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    return read(train_files), read([test_file]), (10 if which == "cifar10" else 100)
+    return read(train_files), read([test_file]), nc
 
 
 # ----------------------------------------------------------------------------- ImageFolder
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _is_image_file(path: str) -> bool:
+    """An image by extension that is a regular file (never a FIFO or device that would block a reader)."""
+    return path.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(path)
+
+
+def _has_image(folder: Path) -> bool:
+    for dirpath, _, files in os.walk(folder, followlinks=True):
+        if any(_is_image_file(os.path.join(dirpath, f)) for f in files):
+            return True
+    return False
+
+
+def check_image_tree(root: Path) -> list[str]:
+    """Class names of an ImageFolder root (``train/`` and ``val/``, one folder per class, the same classes
+    in both, every class with at least one image). Raises BadInput naming what is wrong where."""
+    classes = {}
+    for split in ("train", "val"):
+        d = root / split
+        if not d.is_dir():
+            raise BadInput(f"ImageFolder root {root} must contain '{split}/' with one folder per class")
+        try:
+            names = sorted(e.name for e in os.scandir(d) if e.is_dir())
+        except OSError as err:
+            raise BadInput(f"cannot list {d}: {err}") from None
+        if not names:
+            raise BadInput(f"{d} has no class folders: expected {d}/<class>/<image> (for example {d}/cat/1.jpg)")
+        empty = [n for n in names if not _has_image(d / n)]
+        if empty:
+            shown = ", ".join(str(d / n) for n in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+            raise BadInput(f"class folder(s) with no images ({', '.join(IMAGE_EXTENSIONS)}): {shown}; "
+                           "add images or remove the folder")
+        classes[split] = names
+    if classes["train"] != classes["val"]:
+        only_t = sorted(set(classes["train"]) - set(classes["val"]))
+        only_v = sorted(set(classes["val"]) - set(classes["train"]))
+        parts = ([f"only in train/: {', '.join(only_t[:5])}"] if only_t else []) + \
+                ([f"only in val/: {', '.join(only_v[:5])}"] if only_v else [])
+        raise BadInput(f"train/ and val/ class folders differ under {root} ({'; '.join(parts)}); "
+                       "every class needs a folder with images in both")
+    if len(classes["train"]) < 2:
+        raise BadInput(f"{root / 'train'} has {len(classes['train'])} class folder; a classifier needs at least 2")
+    return classes["train"]
+
+
 class _FolderDataset(torch.utils.data.Dataset):
+    """Items are ``(uint8 [3, S, S], label, error)``: a file that cannot be decoded gives a blank image
+    and its error text, so the main process (not a DataLoader worker's traceback) reports it."""
+
     def __init__(self, root: Path, size: int, train: bool, augment: AugmentConfig):
         from .augment import folder_transform
         from .compat import ensure_torchvision
@@ -297,7 +402,11 @@ class _FolderDataset(torch.utils.data.Dataset):
         ensure_torchvision()
         from torchvision import datasets
 
-        self.inner = datasets.ImageFolder(str(root))
+        try:
+            self.inner = datasets.ImageFolder(str(root), is_valid_file=_is_image_file)
+        except (OSError, RuntimeError) as err:  # the tree changed after check_image_tree
+            raise BadInput(f"cannot read ImageFolder {root}: {err}") from None
+        self.size = size
         self.tf = folder_transform(size, train, augment)  # timm's pipeline -> uint8 [3, S, S]: small to ship
 
     def __len__(self):
@@ -305,8 +414,11 @@ class _FolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         path, y = self.inner.samples[i]
-        img = self.inner.loader(path).convert("RGB")
-        return self.tf(img), y
+        try:
+            img = self.inner.loader(path).convert("RGB")
+            return self.tf(img), y, ""
+        except Exception as err:  # corrupt, truncated, a decompression bomb: the data's fault, not ours
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), y, f"{path}: {type(err).__name__}: {err}"
 
 
 class FolderBatches(BatchSource):
@@ -335,10 +447,14 @@ class FolderBatches(BatchSource):
             idx = list(range(len(self.ds)))
         loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(self.ds, idx), batch_size=self.batch_size, shuffle=False,
-            drop_last=self.train, num_workers=self.workers, pin_memory=self.device.type == "cuda",
+            drop_last=self.train and len(idx) >= self.batch_size, num_workers=self.workers, pin_memory=self.device.type == "cuda",
             persistent_workers=False)
         flip_only = AugmentConfig(hflip=self.augment.hflip)
-        for x, y in loader:
+        for x, y, errors in loader:
+            bad = [e for e in errors if e]
+            if bad:
+                raise BadInput(f"cannot decode image {bad[0][:300]}; fix or remove the file"
+                               + (f" ({len(bad) - 1} more in this batch)" if len(bad) > 1 else ""))
             x = x.to(self.device, non_blocking=True).float().div_(255.0)
             y = y.to(self.device, non_blocking=True)
             if self.train and flip_only.hflip:
@@ -366,10 +482,8 @@ def build_data(cfg: DataConfig, *, seed: int, device: torch.device, rank: int = 
     if cfg.dataset == "imagefolder":
         if not cfg.root:
             raise BadInput("data.dataset: imagefolder needs data.root with train/ and val/ sub-folders")
-        root = Path(cfg.root).expanduser()
-        for split in ("train", "val"):
-            if not (root / split).is_dir():
-                raise BadInput(f"ImageFolder root {root} must contain '{split}/' with one folder per class")
+        root = _user_path(cfg.root, "data.root")
+        check_image_tree(root)
         tr = _FolderDataset(root / "train", size, True, cfg.augment)
         va = _FolderDataset(root / "val", size, False, cfg.augment)
         if tr.inner.classes != va.inner.classes:

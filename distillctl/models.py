@@ -97,32 +97,28 @@ def _classifier_keys(model: nn.Module) -> list[str]:
 
 
 def create_model(cfg: ModelConfig, num_classes: int, *, allow_new_head: bool = False) -> nn.Module:
-    """timm model by name with the recipe's kwargs; weights from a local file or (if asked) the hub."""
-    timm = import_timm()
-    if not timm.list_models(cfg.model) and cfg.model not in timm.list_models():
-        try:
-            timm.models.get_arch_name(cfg.model)
-            known = timm.is_model(cfg.model) or timm.is_model(timm.models.get_arch_name(cfg.model))
-        except Exception:
-            known = False
-        if not known:
-            import difflib
+    """timm model by name with the recipe's kwargs; weights from a local file or (if asked) the hub.
 
-            close = difflib.get_close_matches(cfg.model, timm.list_models(), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise BadInput(f"unknown timm model '{cfg.model}'{hint}")
+    This is where recipe values reach timm, so anything timm raises while building becomes BadInput
+    naming the model and its kwargs (a ``patch_size: 0`` is a ZeroDivisionError deep inside timm).
+    """
+    from .recipe import StudentConfig, TeacherConfig, check_model, clip, model_build_error
+
+    where = "teacher" if isinstance(cfg, TeacherConfig) else "student" if isinstance(cfg, StudentConfig) else "model"
+    timm = import_timm()
+    check_model(cfg, where, num_classes)  # name, then a meta-device build: bad kwargs and size before any memory
     kwargs = dict(cfg.kwargs)
-    if cfg.pretrained and not cfg.weights:
-        try:
-            model = timm.create_model(cfg.model, pretrained=True, num_classes=num_classes, **kwargs)
-        except Exception as err:
-            raise BadInput(f"could not fetch pretrained weights for {cfg.model} ({type(err).__name__}: {err}). "
-                           "Offline machines need a local weights file in the recipe's `weights`.") from None
-        return model
+    pretrained = cfg.pretrained and not cfg.weights
     try:
-        model = timm.create_model(cfg.model, pretrained=False, num_classes=num_classes, **kwargs)
-    except TypeError as err:
-        raise BadInput(f"timm.create_model('{cfg.model}') rejected the recipe's kwargs: {err}") from None
+        model = timm.create_model(cfg.model, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except BadInput:
+        raise
+    except Exception as err:  # the boundary of user input: timm's own errors are the recipe's to fix
+        if pretrained:
+            raise BadInput(f"could not fetch pretrained weights for {cfg.model} ({type(err).__name__}: "
+                           f"{clip(err)}). Offline machines need a local weights file in the "
+                           f"recipe's `{where}.weights`.") from None
+        raise BadInput(model_build_error(cfg, where, err)) from None
     if cfg.weights:
         load_into(model, read_state_dict(cfg.weights), source=str(cfg.weights), allow_new_head=allow_new_head)
     return model
