@@ -24,7 +24,8 @@ from typing import Any, Optional
 
 from .errors import BadInput, Collapsed, Diverged, DistillError, Interrupted
 from .recipe import Recipe, apply_overrides, read_raw, suggest, validate_raw
-from .run import Run, atomic_write_bytes, atomic_write_json, atomic_write_text
+from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .run import Run
 
 JSON_FILE, TABLE_FILE, CHART_FILE = "compare.json", "compare.md", "compare.png"
 

@@ -66,6 +66,7 @@ def prepare(command: str, source: Optional[str], *, overrides: Optional[list[str
         if Path(source).is_dir():
             raise BadInput(f"{source} is a folder; to continue a run use: distillctl {command} --resume {source}")
         run = Run.new(load_recipe(source, overrides), out)
+        run.is_new = True
         _require_tracking(run.recipe)
         return run
 
@@ -134,6 +135,10 @@ def execute(command: str, run: Run, body: Callable[[Run], dict], *, device: str)
 
     where = str(resolve_device(device))  # a missing CUDA is exit 4 before the folder is touched
     with run.writing():
+        if getattr(run, "is_new", False) and (Run.is_run(run.root) or run.has_checkpoint()):
+            # another process created it between our check and our lock
+            raise BadInput(f"{run.root} already holds a run (another process started it); continue it with "
+                           "--resume, or choose another --out")
         if not Run.is_run(run.root):
             run.create(command)
         pending = getattr(run, "pending_amendment", None)

@@ -153,7 +153,7 @@ def execute(command: str, json_out: bool, fn: Callable[[], dict], human: Callabl
     """Run ``fn`` and report: one JSON document (``--json``) or a short summary; exit with the documented code."""
     import typer
 
-    from .run import cleanup_temps
+    from .files import cleanup_temps
 
     setup_logging()
     code, body, error = 0, {}, None
@@ -188,6 +188,9 @@ def execute(command: str, json_out: bool, fn: Callable[[], dict], human: Callabl
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
     if error:
+        from .recipe import clip
+
+        error = clip(error, 2000)  # one line, bounded, whatever the message carried
         print(f"error: {error}", file=sys.stderr)
     doc = {"command": command, "status": "ok" if code == 0 else "error", "exit_code": code}
     if error:

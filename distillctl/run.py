@@ -27,7 +27,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,7 +34,11 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from .errors import BadInput
+from .files import (DISK_ERRORS, FILE_MODE, PENDING, atomic_write_bytes, atomic_write_json, atomic_write_text, commit,
+                    discard, read_json_file, storage_error, temp_path)
 from .recipe import Recipe
+
+_HELD: dict[str, list] = {}  # run folders this process holds the lock of: resolved path -> [fd, depth]
 
 RECIPE_FILE = "recipe.yaml"
 MANIFEST_FILE = "manifest.json"
@@ -70,117 +73,6 @@ AMENDABLE = ("train.lr", "train.min_lr", "train.grad_clip", "train.epochs", "tra
 def runs_dir() -> Path:
     """Where new run folders go and where ``latest`` lives (``$DISTILLCTL_RUNS``, default ``runs``)."""
     return Path(os.environ.get("DISTILLCTL_RUNS", "runs"))
-
-
-# ----------------------------------------------------------------------------- files
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-FILE_MODE = 0o666 & ~_umask()
-_PENDING: set[Path] = set()  # temporaries of this process not yet renamed into place
-_HELD: dict[str, list] = {}  # run folders this process holds the lock of: resolved path -> [fd, depth]
-_DISK_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
-class StorageError(BadInput):
-    """The file system refused a write (full disk, file-size limit, read-only, permissions)."""
-
-
-def storage_error(path: Path, err: OSError) -> StorageError:
-    why = os.strerror(err.errno) if err.errno else str(err)
-    return StorageError(f"cannot write {path}: {why}. Nothing under its final name was changed; free space or fix "
-                        "the permissions, then continue with --resume (the last checkpoint is intact)")
-
-
-def temp_path(final: Path, suffix: str = ".tmp") -> Path:
-    """A fresh temporary sibling of ``final`` for writers that need a path (torch.save, ONNX export).
-
-    Rename it into place with ``commit``; if the command ends first, ``cleanup_temps`` removes it.
-    ``suffix`` starts with ``.tmp`` (writers that insist on an extension get ``.tmp.onnx``).
-    """
-    final = Path(final)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
-    except OSError as err:
-        raise storage_error(final, err) from None
-    os.close(fd)
-    os.chmod(name, FILE_MODE)
-    return track(Path(name))
-
-
-def track(tmp: Path) -> Path:
-    """Register a temporary file (e.g. one a library writes beside ours) for removal when the command ends."""
-    _PENDING.add(Path(tmp))
-    return Path(tmp)
-
-
-def commit(tmp: Path, final: Path) -> None:
-    """Rename a finished temporary over ``final`` (atomic; replaces a symlink itself, never its target).
-
-    The mode is set here, whoever wrote the file (some writers recreate it 0600)."""
-    os.chmod(tmp, FILE_MODE)
-    os.replace(tmp, final)
-    _PENDING.discard(Path(tmp))
-
-
-def discard(tmp: Path) -> None:
-    Path(tmp).unlink(missing_ok=True)
-    _PENDING.discard(Path(tmp))
-
-
-def cleanup_temps() -> None:
-    """Remove every temporary this process created and did not commit (called when a command ends)."""
-    for tmp in list(_PENDING):
-        discard(tmp)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    try:
-        tmp = temp_path(path)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        commit(tmp, path)
-    except OSError as err:
-        cleanup_temps_for(path)
-        if err.errno in _DISK_ERRORS:
-            raise storage_error(path, err) from None
-        raise
-
-
-def cleanup_temps_for(final: Path) -> None:
-    for tmp in [t for t in _PENDING if t.parent == Path(final).parent and t.name.startswith(f".{Path(final).name}.")]:
-        discard(tmp)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def read_json_file(path: Path, what: str = "") -> dict:
-    """A JSON object from ``path``; a missing, truncated or malformed file is exit 2 naming it."""
-    path = Path(path)
-    try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BadInput(f"{path} not found" + (f" ({what})" if what else "")) from None
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise BadInput(f"{path} is unreadable or malformed ({type(err).__name__}: {str(err)[:200]}); it was not "
-                       "modified. Re-create it (re-run the stage that writes it) or restore it") from None
-    if not isinstance(obj, dict):
-        raise BadInput(f"{path} must hold a JSON object, found {type(obj).__name__}")
-    return obj
 
 
 # ----------------------------------------------------------------------------- the student on disk
@@ -242,7 +134,7 @@ def save_weights(path: Path, state: dict, metadata: Optional[dict] = None) -> No
         commit(tmp, path)
     except OSError as err:
         discard(tmp)
-        if err.errno in _DISK_ERRORS:
+        if err.errno in DISK_ERRORS:
             raise storage_error(path, err) from None
         raise
 
@@ -538,7 +430,7 @@ class Run:
         for d in (self.root, self.root / STUDENT_DIR, self.root / EXPORT_DIR):
             if d.is_dir() and not d.is_symlink():
                 for f in [*d.glob(".*.tmp"), *d.glob(".*.tmp.*"), *d.glob("*.staged.*")]:
-                    if f.is_file() and f not in _PENDING:
+                    if f.is_file() and f not in PENDING:
                         f.unlink(missing_ok=True)
 
     def create(self, command: str) -> None:
@@ -689,7 +581,7 @@ class Run:
             commit(tmp, final)
         except OSError as err:
             discard(tmp)
-            if err.errno in _DISK_ERRORS:
+            if err.errno in DISK_ERRORS:
                 raise storage_error(final, err) from None
             raise
         except RuntimeError as err:  # torch wraps write failures ("... file write failed")

@@ -106,7 +106,7 @@ def test_summarize_numbers():
 
 
 def test_model_card(bench, run):
-    from distillctl.run import atomic_write_json
+    from distillctl.files import atomic_write_json
 
     atomic_write_json(run / BENCH_JSON, bench)  # other tests here re-bench the same run
     card = write_model_card(Run.open(run)).read_text()

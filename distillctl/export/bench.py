@@ -30,7 +30,8 @@ import torch
 from ..device import versions
 from ..errors import BadInput, MissingCapability
 from ..recipe import BenchConfig
-from ..run import BENCH_JSON, BENCH_PNG, Run, Target, atomic_write_json, commit, resolve_target, temp_path
+from ..files import atomic_write_json, commit, temp_path
+from ..run import BENCH_JSON, BENCH_PNG, Run, Target, resolve_target
 from .onnx import read_metadata
 from .runtime import OrtPredictor, Predictor, TorchPredictor
 
@@ -182,8 +183,9 @@ def run_bench(targets: list, *, batch_sizes: Optional[list[int]] = None, backend
     from . import trt as trt_format
     from ..device import resolve_device
 
-    if threads is not None and threads < 1:
-        raise BadInput(f"--threads must be >= 1, got {threads}")
+    from ..recipe import bench_options
+
+    bench_options(batch_sizes=batch_sizes, warmup=warmup, iters=iters, threads=threads)  # bounds, named options
     resolved = [bench_target(t) for t in (targets or [None])]
     explicit = backends is not None
     if explicit:
@@ -191,15 +193,11 @@ def run_bench(targets: list, *, batch_sizes: Optional[list[int]] = None, backend
         for b in backends:
             if b not in BACKENDS:
                 raise BadInput(f"unknown bench backend '{b}'; choose from {', '.join(BACKENDS)}")
-    if batch_sizes is not None and (not batch_sizes or any(int(b) < 1 for b in batch_sizes)):
-        raise BadInput(f"--batch-sizes must be positive integers, got {batch_sizes}")
     torch_device = resolve_device(device)
     first = resolved[0].bench
     warmup = first.warmup if warmup is None else warmup
     iters = first.iters if iters is None else iters
     threads = threads or first.threads or torch.get_num_threads()
-    if iters < 1 or warmup < 0:
-        raise BadInput("--iters must be >= 1 and --warmup >= 0")
     sizes = [int(b) for b in (batch_sizes or first.batch_sizes)]
 
     latency, throughput, providers, skipped, speedup, compile_s = {}, {}, {}, {}, {}, {}

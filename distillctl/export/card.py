@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..run import BENCH_JSON, EXPORT_JSON, Run, atomic_write_text, commit, temp_path
+from ..files import atomic_write_text, commit, temp_path
+from ..run import BENCH_JSON, EXPORT_JSON, Run
 
 
 def _pct(v) -> str:

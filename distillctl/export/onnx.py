@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ..errors import BadInput, ExportFailed
-from ..run import commit, discard, temp_path, track
+from ..files import commit, discard, temp_path, track
 from .runtime import INPUT_NAME, OUTPUT_NAME
 
 TORCHSCRIPT_MAX_OPSET = 20  # the legacy exporter's ceiling (torch 2.x)

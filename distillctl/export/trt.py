@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from ..errors import BadInput, ExportFailed, MissingCapability
-from ..run import atomic_write_bytes, atomic_write_json, read_json_file, sidecar_of
+from ..files import atomic_write_bytes, atomic_write_json, read_json_file
+from ..run import sidecar_of
 from .runtime import Predictor
 
 INSTALL_HINT = "pip install 'distillctl[tensorrt]'"

@@ -1,0 +1,274 @@
+"""Faults lose nothing: kill -9 anywhere (even mid-checkpoint), a full disk, a second writer, SIGTERM in
+export, NaN before any checkpoint, planted symlinks, torn metrics lines, unusable --out folders."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import RECIPES, run_cli, snapshot
+
+SMOKE = str(RECIPES / "ci_smoke.yaml")
+DETERMINISTIC = ["--set", "train.epochs=3", "--set", "train.log_every=1", "--set", "train.deterministic=true"]
+
+
+def _popen(*args, cwd, limit_bytes=None):
+    env = dict(os.environ, CI="true", OMP_NUM_THREADS="1")
+
+    def limit():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.Popen([sys.executable, "-m", "distillctl.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                            preexec_fn=limit if limit_bytes else None)
+
+
+def _kill_when(p, pred, timeout=240, poll=0.001):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if p.poll() is not None:
+            return False
+        try:
+            if pred():
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+                return True
+        except OSError:
+            pass
+        time.sleep(poll)
+    p.kill()
+    return False
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def _ckpt(run: Path):
+    from distillctl.run import Run
+
+    try:
+        return Run(run).load_checkpoint()
+    except Exception:
+        return None
+
+
+def _temps(run: Path) -> list:
+    return [p for p in run.rglob("*") if ".tmp" in p.name or ".staged." in p.name]
+
+
+def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, teacher_weights):
+    from safetensors.torch import load_file
+
+    common = ["--set", f"teacher.weights={teacher_weights}", *DETERMINISTIC]
+    ref = run_cli("distill", SMOKE, *common, "--out", str(tmp_path / "ref"), cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr
+
+    run = tmp_path / "run"
+    args = ["distill", SMOKE, *common, "--out", str(run)]
+    kills = [
+        # 1. before the first checkpoint: the resume starts the run again, and says so
+        lambda: (run / "metrics.jsonl").is_file() and not (run / "checkpoint.pt").exists(),
+        # 2. while a checkpoint is being written (its temporary exists)
+        lambda: any(run.glob(".checkpoint.pt.*")),
+        # 3. mid-epoch, rows logged after the last checkpoint
+        lambda: (_ckpt(run) or {}).get("epoch", 0) >= 1 and any(r.get("epoch") == 2 and r.get("step", 0) >= 3
+                                                                 for r in _rows(run)),
+    ]
+    resume = []
+    for i, pred in enumerate(kills):
+        p = _popen(*args, *resume, cwd=tmp_path)
+        assert _kill_when(p, pred), f"kill point {i + 1} was never reached: {p.stderr.read()[-2000:]}"
+        resume = ["--resume"]
+    done = run_cli(*args, "--resume", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+
+    rows = _rows(run)
+    steps = [(r["epoch"], r["step"]) for r in rows if "step" in r]
+    assert steps == [(e, s) for e in (1, 2, 3) for s in range(1, 9)]  # each step exactly once
+    assert [r["epoch"] for r in rows if "top1" in r] == [1, 2, 3]  # each epoch exactly once
+    a = load_file(str(tmp_path / "ref" / "student" / "model.safetensors"))
+    b = load_file(str(run / "student" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    assert not _temps(run)
+    assert json.loads((run / "manifest.json").read_text())["status"] == "completed"
+
+
+def test_a_second_writer_is_refused_at_once(tmp_path, teacher_weights):
+    r = run_cli("distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--set", "data.synthetic_size=64",
+                "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)"), str(tmp_path / "run")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(tmp_path / "run")
+        t0 = time.time()
+        for args in (["distill", "--resume", str(tmp_path / "run")],
+                     ["export", str(tmp_path / "run"), "--format", "safetensors"]):
+            r = run_cli(*args, "--json", cwd=tmp_path)
+            assert r.returncode == 2 and "another distillctl process is writing" in json.loads(r.stdout)["error"]
+        assert time.time() - t0 < 60  # no waiting
+        assert snapshot(tmp_path / "run") == before
+    finally:
+        holder.kill()
+
+
+def test_two_distills_on_one_folder_one_wins(tmp_path, teacher_weights):
+    args = ["distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--set", "train.epochs=2",
+            "--out", str(tmp_path / "run")]
+    ps = [_popen(*args, cwd=tmp_path) for _ in range(2)]
+    codes = sorted(p.wait(timeout=300) for p in ps)
+    assert codes == [0, 2], [p.stderr.read()[-500:] for p in ps]
+    rows = _rows(tmp_path / "run")
+    assert [(r["epoch"], r["step"]) for r in rows if "step" in r] == [(1, 5), (1, 8), (2, 5), (2, 8)]
+
+
+def test_full_disk_is_exit_2_and_leaves_nothing_behind(tmp_path, teacher_weights):
+    run = tmp_path / "run"
+    args = ["distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--set", "train.epochs=2",
+            "--out", str(run), "--json"]
+    p = _popen(*args, cwd=tmp_path, limit_bytes=2 << 20)  # 2 MiB per file: the weights cannot be written
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 2, err[-2000:]
+    doc = json.loads(out)
+    assert "cannot write" in doc["error"] and "File too large" in doc["error"] and "--resume" in doc["error"]
+    assert "Traceback" not in err
+    assert not _temps(run)
+    assert json.loads((run / "manifest.json").read_text())["status"] == "failed"
+    r = run_cli(*args[:-1], "--resume", cwd=tmp_path)  # space again: the run continues
+    assert r.returncode == 0, r.stderr
+
+
+def test_sigterm_during_export_is_130_with_the_document_and_no_temporaries(tmp_path, teacher_weights):
+    run = tmp_path / "run"
+    r = run_cli("distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--set", "data.synthetic_size=64",
+                "--out", str(run), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    p = _popen("export", str(run), "--format", "onnx", "--json", cwd=tmp_path)
+    t0 = time.time()
+    while time.time() - t0 < 240 and p.poll() is None:
+        if (run / "export").is_dir() and any((run / "export").iterdir()):
+            break  # the exporter is writing
+        time.sleep(0.005)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    doc = json.loads(out)
+    assert doc["exit_code"] == 130 and doc["status"] == "error"
+    assert not _temps(run) and not (run / "export" / "model.onnx").exists()
+
+
+def test_nan_before_any_checkpoint_says_so_and_amended_resume_recovers(tmp_path, teacher_weights):
+    run = tmp_path / "run"
+    r = run_cli("distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--set", "train.lr=1e30",
+                "--set", "train.log_every=1", "--out", str(run), "--json", cwd=tmp_path)
+    assert r.returncode == 6, r.stderr
+    err = json.loads(r.stdout)["error"]
+    assert "no checkpoint had been written yet" in err and "kept at" not in err
+    assert json.loads((run / "manifest.json").read_text())["status"] == "diverged"
+    r = run_cli("distill", "--resume", str(run), "--amend", "--set", "train.lr=0.05", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["status"] == "completed" and m["amendments"][0]["changes"] == {"train.lr": [1e30, 0.05]}
+
+
+def test_collapsed_student_exits_6_and_compare_flags_it(tmp_path):
+    """A student that never learns (lr 1e-9) next to a teacher far above chance is a collapse, not a result."""
+    base = ["--set", "teacher.train.epochs=6", "--set", "teacher.train.lr=0.003", "--set", "train.lr=1e-9",
+            "--set", "train.epochs=2", "--set", "export.formats=[safetensors]", "--set", "bench.backends=[]"]
+    r = run_cli("run", SMOKE, *base, "--out", str(tmp_path / "run"), "--json", cwd=tmp_path)
+    assert r.returncode == 6, r.stderr
+    doc = json.loads(r.stdout)
+    assert "collapsed" in doc["error"] and "chance level" in doc["error"]
+    assert not (tmp_path / "run" / "student" / "model.safetensors").exists()  # never handed over
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "collapsed"
+
+    r = run_cli("compare", SMOKE, "--methods", "ce,kd", *base, "--out", str(tmp_path / "cmp"), "--json",
+                cwd=tmp_path)
+    assert r.returncode == 6, r.stderr
+    doc = json.loads(r.stdout)
+    rows = {row["method"]: row for row in doc["rows"]}
+    assert rows["kd"]["status"] == "collapsed" and rows["ce"]["status"] == "ok"  # no teacher: not judged
+    assert "COLLAPSED" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert doc["num_classes"] == 10 and (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------- run-folder files
+
+
+def _small_run(tmp_path):
+    from distillctl.recipe import validate_raw
+    from distillctl.run import Run
+
+    run = Run(tmp_path / "run", validate_raw({"student": {"model": "test_resnet"}, "method": {"name": "ce"}}))
+    with run.writing():
+        run.create("train")
+    return run
+
+
+def test_torn_metrics_line_is_closed_off_and_truncated_on_resume(tmp_path):
+    run = _small_run(tmp_path)
+    run.append_metrics({"epoch": 1, "step": 1, "global_step": 1, "loss": 1.0})
+    with open(run.root / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 1, "step": 2, "glo')  # a kill during an append
+    assert [r["step"] for r in run.metrics_rows()] == [1]  # a torn last line is not a row
+    run.append_metrics({"epoch": 1, "step": 2, "global_step": 2, "loss": 0.9})
+    text = (run.root / "metrics.jsonl").read_text()
+    assert '"glo\n{"epoch": 1, "step": 2, "global_step": 2' in text  # closed off, never glued
+    assert run.truncate_metrics(epochs_done=0, global_step=2) == 1  # the damaged line goes on resume
+    assert [r["step"] for r in run.metrics_rows()] == [1, 2]
+
+
+def test_symlinks_planted_in_a_run_folder_are_never_written_through(tmp_path):
+    from distillctl.errors import BadInput
+
+    run = _small_run(tmp_path)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (run.root / "metrics.jsonl").symlink_to(victim)
+    with pytest.raises(BadInput, match="symbolic link"):
+        run.append_metrics({"epoch": 1, "step": 1, "global_step": 1, "loss": 1.0})
+    (run.root / "checkpoint.pt").symlink_to(victim)
+    with pytest.raises(BadInput, match="symbolic link"):
+        run.save_checkpoint({"student": {}, "epoch": 0, "global_step": 0})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run.root / "export").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(BadInput, match="symbolic link"):
+        run.onnx_file("fp32")
+    assert victim.read_text() == "precious" and not any(elsewhere.iterdir())
+
+
+def test_stale_temporaries_of_a_killed_writer_are_removed_by_the_next(tmp_path):
+    run = _small_run(tmp_path)
+    stale = run.root / ".checkpoint.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    (run.root / "student").mkdir()
+    staged = run.root / "student" / ".model.safetensors.x.tmp"
+    staged.write_bytes(b"x")
+    with run.writing():
+        pass
+    assert not stale.exists() and not staged.exists()
+
+
+@pytest.mark.parametrize("out", ["file", "/proc/distillctl-cannot-write/run"])
+def test_unusable_out_is_exit_2(tmp_path, teacher_weights, out):
+    if out == "file":
+        out = tmp_path / "a-file"
+        out.write_text("not a folder")
+    r = run_cli("distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--out", str(out), "--json",
+                cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and json.loads(r.stdout)["error"]
