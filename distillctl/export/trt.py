@@ -5,6 +5,10 @@ Written against the TensorRT 10 and 11 Python APIs (deploy-notes.md, C.1), featu
 - FP16 comes from the FP16 ONNX file (float16 weights and compute, float32 I/O) parsed into a
   strongly typed network: 11 is always strongly typed and has no BuilderFlag.FP16; on 10 the
   STRONGLY_TYPED flag is set when it exists, else the legacy BuilderFlag.FP16 on the FP32 file;
+- INT8 is explicit quantization: the QDQ ONNX file made for TensorRT (int8.py, target
+  "tensorrt": symmetric int8, float biases) parsed into a strongly typed network, no precision
+  flag and no calibrator (the Q/DQ scales are the calibration); only a TensorRT 10 without
+  STRONGLY_TYPED would take the weakly typed route, which needs BuilderFlag.INT8;
 - ``build_serialized_network`` + ``set_memory_pool_limit`` (no build_engine / max_workspace_size);
 - inference through the name-based tensor API and ``execute_async_v3`` on torch CUDA buffers.
 The engine file is TensorRT's plan, byte for byte; our metadata goes to ``model.engine.json``.
@@ -29,6 +33,11 @@ INSTALL_HINT = "pip install 'distillctl[tensorrt]'"
 ENGINE_FILE = "model.engine"
 TIMING_CACHE_FILE = "trt_timing.cache"
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+
+
+def engine_file(precision: str) -> str:
+    """Each precision keeps its own engine: model.engine (fp32), model.fp16.engine, model.int8.engine."""
+    return ENGINE_FILE if precision == "fp32" else f"model.{precision}.engine"
 
 
 def sidecar_path(engine: Path) -> Path:
@@ -95,16 +104,43 @@ def _device_info() -> dict:
             "cuda": torch.version.cuda}
 
 
+def _int8_source(onnx_int8: Optional[Path]) -> Path:
+    """The QDQ file an INT8 engine is parsed from; refuses the ONNX Runtime encoding before TensorRT sees it."""
+    from .onnx import read_metadata
+
+    if onnx_int8 is None:
+        raise ExportFailed("an INT8 engine is built from an INT8 QDQ ONNX file quantized for TensorRT "
+                           "(quantize_int8(..., target='tensorrt')); none was given")
+    meta = read_metadata(onnx_int8)
+    if meta.get("precision") != "int8" or meta.get("int8_target") != "tensorrt":
+        raise BadInput(f"{onnx_int8} is not an INT8 file quantized for TensorRT (precision={meta.get('precision')}, "
+                       f"int8_target={meta.get('int8_target')}); TensorRT needs symmetric int8 Q/DQ: quantize the "
+                       "FP32 model with target 'tensorrt'")
+    return Path(onnx_int8)
+
+
 def build_engine(onnx_fp32: Path, onnx_fp16: Optional[Path], dest: Path, *, precision: str,
                  batch: tuple[int, int, int], workspace_gib: float, timing_cache: Path,
-                 metadata: dict, opt_level: int = 3, verbose: bool = False) -> dict:
+                 metadata: dict, opt_level: int = 3, verbose: bool = False,
+                 onnx_int8: Optional[Path] = None) -> dict:
     """Parse the ONNX file, build a plan for the batch profile, write it and its sidecar JSON."""
+    if precision not in ("fp32", "fp16", "int8"):
+        raise BadInput(f"TensorRT precision must be fp32, fp16 or int8, got {precision!r}")
     trt = require("cuda")
+    side = sidecar_path(dest)
+    if side.is_file():  # never overwrite another precision's engine
+        held = json.loads(side.read_text()).get("precision")
+        if held and held != precision:
+            raise BadInput(f"{dest} holds the {held} engine; the {precision} engine needs its own file "
+                           f"({engine_file(precision)})")
     logger = _logger(trt, verbose)
-    strongly_typed = precision == "fp16" and _strong_typing(trt)
+    strongly_typed = precision in ("fp16", "int8") and _strong_typing(trt)
     if precision == "fp16" and strongly_typed and onnx_fp16 is None:
         raise ExportFailed("an FP16 engine on a strongly typed network needs model.fp16.onnx")
-    src = Path(onnx_fp16 if strongly_typed else onnx_fp32)
+    if precision == "int8":
+        src = _int8_source(onnx_int8)
+    else:
+        src = Path(onnx_fp16 if strongly_typed else onnx_fp32)
 
     t0 = time.perf_counter()
     builder = trt.Builder(logger)
@@ -124,6 +160,8 @@ def build_engine(onnx_fp32: Path, onnx_fp16: Optional[Path], dest: Path, *, prec
         config.clear_flag(trt.BuilderFlag.TF32)  # TF32 would cost ~1e-3 of FP32 parity
     if precision == "fp16" and not strongly_typed:
         config.set_flag(trt.BuilderFlag.FP16)  # TensorRT 10 without STRONGLY_TYPED: weak typing
+    if precision == "int8" and not strongly_typed:
+        config.set_flag(trt.BuilderFlag.INT8)  # weakly typed Q/DQ networks need it; no calibrator either way
 
     lo, opt, hi = batch
     inp = network.get_input(0)
@@ -153,6 +191,7 @@ def build_engine(onnx_fp32: Path, onnx_fp16: Optional[Path], dest: Path, *, prec
         "format": "tensorrt-plan", "tensorrt": trt.__version__, **_device_info(),
         "precision": precision, "strongly_typed": strongly_typed or _major(trt) >= 11,
         "source_onnx": str(src), "engine_sha256": hashlib.sha256(data).hexdigest(),
+        "quantization": "explicit (Q/DQ from the ONNX file)" if precision == "int8" else None,
         "profile": {inp.name: {k: list(v) for k, v in shapes.items()}}, "dynamic_batch": f"{lo}:{opt}:{hi}",
         "input_name": inp.name, "output_name": network.get_output(0).name,
         "workspace_gib": workspace_gib, "builder_optimization_level": opt_level,
@@ -258,17 +297,19 @@ class TrtRunner(Runner):
 
 
 def build(ctx) -> list:
-    """Format builder: ``model.engine`` + ``model.engine.json`` from the ONNX file(s) built just before."""
+    """Format builder: the precision's engine (engine_file) + its sidecar JSON from the ONNX file(s) built just before."""
     from .context import Artifact
 
     onnx32 = ctx.artifacts.get("onnx")
     onnx16 = ctx.artifacts.get("onnx_fp16")
+    onnx8 = ctx.artifacts.get("onnx_int8_trt")  # the TensorRT encoding of INT8 (int8.py, target "tensorrt")
     if onnx32 is None:
         raise ExportFailed("the TensorRT builder needs model.onnx; export the onnx format first")
-    dest = ctx.out_dir / ENGINE_FILE
+    dest = ctx.out_dir / engine_file(ctx.precision)
     sidecar = build_engine(onnx32.path, onnx16.path if onnx16 else None, dest, precision=ctx.precision,
                            batch=ctx.batch, workspace_gib=ctx.recipe.export.workspace_gib,
-                           timing_cache=ctx.out_dir / TIMING_CACHE_FILE, metadata=ctx.metadata())
+                           timing_cache=ctx.out_dir / TIMING_CACHE_FILE, metadata=ctx.metadata(),
+                           onnx_int8=onnx8.path if onnx8 else None)
     ctx.log(f"  trt: {dest} (TensorRT {sidecar['tensorrt']}, {sidecar['precision']}, batch {sidecar['dynamic_batch']}, "
             f"{sidecar['build_s']:.0f}s)")
     runner = TrtRunner(dest, ctx.device)
