@@ -149,7 +149,8 @@ def test_int8_top1_and_parity_close_to_fp32(student, fp32_logits, quantized):
 def test_fp32_source_is_untouched(student):
     before = hashlib.sha256(student["src"].read_bytes()).hexdigest()
     dest = student["src"].with_name("model.int8.again.onnx")
-    quantize_int8(student["src"], dest, iter(student["train"][:2]), count=64, method="percentile")
+    batches = (torch.from_numpy(x) for x in student["train"][:2])  # torch batches are taken as they come
+    quantize_int8(student["src"], dest, batches, count=64, method="percentile")
     assert hashlib.sha256(student["src"].read_bytes()).hexdigest() == before
     assert onnx_format.read_metadata(student["src"])["precision"] == "fp32"
     assert onnx_format.read_metadata(dest)["calibration_count"] == 64
