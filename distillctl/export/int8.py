@@ -253,6 +253,7 @@ def quantize_int8(src: Path, dest: Path, calibration: Iterable[np.ndarray], *, m
                                 f"(1.31 has it); installed: {ort.__version__}. Upgrade onnxruntime")
     src, dest = Path(src), Path(dest)
     guard_destination(src, dest, "int8")
+    dest.parent.mkdir(parents=True, exist_ok=True)
     fp32 = onnx.load(str(src))
     if any(n.op_type in QDQ_OPS for n in fp32.graph.node):
         raise BadInput(f"{src.name} already contains QuantizeLinear/DequantizeLinear nodes; quantize the FP32 file")
