@@ -50,8 +50,10 @@ TEACHER_DIR = "teacher"
 EXPORT_DIR = "export"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
-ENGINE_FILE = "model.engine"
+# the INT8 ONNX exists in two encodings: ONNX Runtime's (uint8 activations) and TensorRT's (symmetric int8)
+ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx",
+              "int8_trt": "model.int8.trt.onnx"}
+ENGINE_FILES = {"fp32": "model.engine", "fp16": "model.fp16.engine", "int8": "model.int8.engine"}
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 TIMING_CACHE_FILE = "trt_timing.cache"
 EXPORT_JSON = "export.json"
@@ -333,9 +335,9 @@ class Run:
         final = Path(final)
         return final.with_name(f"{final.stem}.failed{final.suffix}")
 
-    @property
-    def engine_file(self) -> Path:
-        return self.path(EXPORT_DIR, ENGINE_FILE)
+    def engine(self, precision: str = "fp32") -> Path:
+        """Each precision keeps its own engine: model.engine, model.fp16.engine, model.int8.engine."""
+        return self.path(EXPORT_DIR, ENGINE_FILES[precision])
 
     @property
     def timing_cache(self) -> Path:
@@ -365,11 +367,12 @@ class Run:
         out = {}
         if self.student_weights.is_file():
             out["safetensors"] = self.student_weights
-        for prec, key in (("fp32", "onnx"), ("fp16", "onnx_fp16"), ("int8", "onnx_int8")):
+        for prec, key in (("fp32", "onnx"), ("fp16", "onnx_fp16"), ("int8", "onnx_int8"), ("int8_trt", "onnx_int8_trt")):
             if self.path(EXPORT_DIR, ONNX_FILES[prec]).is_file():
                 out[key] = self.path(EXPORT_DIR, ONNX_FILES[prec])
-        if self.path(EXPORT_DIR, ENGINE_FILE).is_file():
-            out["trt"] = self.path(EXPORT_DIR, ENGINE_FILE)
+        for prec, key in (("fp32", "trt"), ("fp16", "trt_fp16"), ("int8", "trt_int8")):
+            if self.path(EXPORT_DIR, ENGINE_FILES[prec]).is_file():
+                out[key] = self.path(EXPORT_DIR, ENGINE_FILES[prec])
         return out
 
     # -- writing -------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def test_bench_and_eval_of_an_engine(run):
     from distillctl.export.bench import run_bench
 
     export_run(Run.open(run), ["trt"], dynamic_batch="1:8:32", device="auto")
-    engine = Run.open(run).engine_file
+    engine = Run.open(run).engine()
     ev = evaluate_target(str(engine))
     assert ev["format"] == "trt" and ev["provider"].startswith("TensorRT")
     res = run_bench([str(run)], backends=["torch", "onnxruntime", "trt"], batch_sizes=[1, 32], iters=20)

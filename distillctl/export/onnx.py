@@ -26,7 +26,7 @@ from .runtime import INPUT_NAME, OUTPUT_NAME
 
 TORCHSCRIPT_MAX_OPSET = 20  # the legacy exporter's ceiling (torch 2.x)
 # metadata_props values are strings; these keys hold JSON (lists, numbers)
-JSON_KEYS = {"input_size", "mean", "std", "num_classes", "top1", "top5", "crop_pct", "class_names"}
+JSON_KEYS = {"input_size", "mean", "std", "num_classes", "top1", "top5", "crop_pct", "class_names", "calibration_count"}
 
 
 def _export_params() -> set[str]:
@@ -138,45 +138,129 @@ def export_onnx(model: torch.nn.Module, dest: Path, *, image_size: int, metadata
 _MISSING_KERNEL = re.compile(r"implementation for (\w+)\(")
 
 
-def export_fp16(src: Path, dest: Path, *, max_retries: int = 8) -> dict:
-    """``model.fp16.onnx``: float16 weights and compute, float32 inputs and outputs.
+def failed_path(dest: Path) -> Path:
+    """Where an artifact that failed a check is kept: ``model.int8.onnx`` -> ``model.int8.failed.onnx``
+    (a staged name, ``model.staged.onnx``, fails as ``model.failed.onnx``)."""
+    dest = Path(dest)
+    name = dest.name.replace(".staged.", ".")
+    stem = name[:-len(".onnx")] if name.endswith(".onnx") else name
+    return dest.with_name(f"{stem}.failed.onnx")
 
-    The result must open in ONNX Runtime's CPU provider; an op without a float16 kernel there is
-    kept in float32 (casts around it) and the conversion is redone.
+
+def metadata_of(proto) -> dict:
+    """``metadata_props`` of a loaded proto as raw strings."""
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def guard_destination(src: Path, dest: Path, precision: str) -> None:
+    """Refuse a ``dest`` that is the source or holds another precision's artifact (each keeps its own file)."""
+    import onnx
+
+    src, dest = Path(src), Path(dest)
+    if not Path(src).is_file():
+        raise BadInput(f"ONNX file not found: {src}; export the FP32 model first")
+    if not dest.name.endswith(".onnx"):
+        raise BadInput(f"the {precision} artifact must be an .onnx file, got {dest.name}")
+    if dest.exists() and dest.resolve() == src.resolve():
+        raise BadInput(f"the {precision} artifact would overwrite its FP32 source {src}; give it its own name")
+    if dest.is_file():
+        try:
+            held = metadata_of(onnx.load(str(dest), load_external_data=False)).get("precision")
+        except Exception:  # unreadable leftovers are replaced
+            held = None
+        if held and held != precision:
+            raise BadInput(f"{dest} holds the {held} artifact; the {precision} one needs its own file name")
+
+
+def _ort_load_error(path: Path):
+    """The exception ONNX Runtime's CPU provider raises opening ``path``, or None."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+        return None
+    except Exception as err:
+        return err
+
+
+def write_temp(proto, dest: Path) -> Path:
+    """``proto`` as one file under a temporary sibling name of ``dest``."""
+    import onnx
+
+    tmp = temp_path(dest, ".tmp.onnx")
+    onnx.save_model(proto, str(tmp), save_as_external_data=False)
+    return tmp
+
+
+def place_checked(tmp: Path, dest: Path, *, what: str) -> None:
+    """Check ``tmp`` (onnx.checker, ONNX Runtime CPU load), then rename it to ``dest``.
+
+    A file failing a check never gets the final name: it is kept as ``failed_path(dest)`` for
+    inspection and ExportFailed (exit 5) says why; success removes a stale ``.failed.onnx``.
+    """
+    import onnx
+
+    tmp, dest = Path(tmp), Path(dest)
+    try:
+        onnx.checker.check_model(str(tmp), full_check=True)
+        problem = None
+    except Exception as err:
+        problem = f"does not pass onnx.checker: {err}"
+    if problem is None:
+        err = _ort_load_error(tmp)
+        problem = None if err is None else f"does not load in ONNX Runtime's CPU provider: {err}"
+    if problem:
+        failed = failed_path(dest)
+        commit(tmp, failed)
+        raise ExportFailed(f"the {what} model {problem} (kept as {failed} for inspection)")
+    commit(tmp, dest)
+    failed_path(dest).unlink(missing_ok=True)
+    dest.with_name(dest.name + ".data").unlink(missing_ok=True)  # a stale sidecar from an older export
+
+
+def finalise_artifact(proto, dest: Path, *, what: str) -> None:
+    """Write ``proto`` under a temporary name, check it, rename it to ``dest`` (see place_checked)."""
+    place_checked(write_temp(proto, dest), dest, what=what)
+
+
+def export_fp16(src: Path, dest: Path, *, max_retries: int = 8) -> dict:
+    """``dest`` (``model.fp16.onnx``): float16 weights and compute, float32 inputs and outputs.
+
+    ONNX Runtime's converter does the work (fp16.py). The result must open in ONNX Runtime's CPU
+    provider; an op without a float16 kernel there is kept in float32 (casts around it) and the
+    conversion is redone.
     """
     import onnx
     import onnxruntime as ort
 
     from .fp16 import ConversionError, convert_float_to_float16
 
+    src, dest = Path(src), Path(dest)
+    guard_destination(src, dest, "fp16")
     proto = onnx.load(str(src))
-    meta = {p.key: p.value for p in proto.metadata_props}
+    meta = metadata_of(proto)
+    if meta.get("precision", "fp32") != "fp32":
+        raise BadInput(f"{src.name} is a {meta['precision']} model; FP16 conversion starts from the FP32 file")
     keep: set[str] = set()
-    tmp = temp_path(dest, ".tmp.onnx")
     for _ in range(max_retries):
         try:
-            half = convert_float_to_float16(proto, frozenset(keep))
+            half = convert_float_to_float16(proto, keep)
         except (ConversionError, onnx.checker.ValidationError) as err:
             raise ExportFailed(f"FP16 conversion of {src} failed: {err}") from None
-        _set_metadata(half, {**meta, "precision": "fp16", "kept_fp32_ops": ",".join(sorted(keep))})
-        onnx.save_model(half, str(tmp), save_as_external_data=False)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        try:
-            ort.InferenceSession(str(tmp), sess_options=so, providers=["CPUExecutionProvider"])
-            break
-        except Exception as err:
-            m = _MISSING_KERNEL.search(str(err))
-            if not m or m.group(1) in keep:
-                discard(tmp)
-                raise ExportFailed(f"the FP16 model does not load in ONNX Runtime: {err}") from None
-            keep.add(m.group(1))
-    else:
+        _set_metadata(half, {**meta, "precision": "fp16", "kept_fp32_ops": ",".join(sorted(keep)),
+                             "fp16_converter": f"onnxruntime.transformers.float16 {ort.__version__}"})
+        tmp = write_temp(half, dest)
+        m = _MISSING_KERNEL.search(str(_ort_load_error(tmp) or ""))
+        if not m or m.group(1) in keep:
+            break  # loads, or fails for another reason: place_checked keeps it as .failed.onnx and says why
         discard(tmp)
+        keep.add(m.group(1))
+    else:
         raise ExportFailed(f"FP16 conversion kept failing in ONNX Runtime (fp32 ops so far: {sorted(keep)})")
-    discard(tmp)
-    _save_checked(half, Path(dest))
-    return {"path": str(dest), "kept_fp32_ops": sorted(keep), "bytes": Path(dest).stat().st_size}
+    place_checked(tmp, dest, what="FP16")
+    return {"path": str(dest), "kept_fp32_ops": sorted(keep), "bytes": dest.stat().st_size}
 
 
 def read_metadata(path: Path) -> dict:

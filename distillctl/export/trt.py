@@ -5,6 +5,10 @@ Written against the TensorRT 10 and 11 Python APIs (deploy-notes.md, C.1), featu
 - FP16 comes from the FP16 ONNX file (float16 weights and compute, float32 I/O) parsed into a
   strongly typed network: 11 is always strongly typed and has no BuilderFlag.FP16; on 10 the
   STRONGLY_TYPED flag is set when it exists, else the legacy BuilderFlag.FP16 on the FP32 file;
+- INT8 is explicit quantization: the QDQ ONNX file made for TensorRT (int8.py, target
+  "tensorrt": symmetric int8, float biases) parsed into a strongly typed network, no precision
+  flag and no calibrator (the Q/DQ scales are the calibration); only a TensorRT 10 without
+  STRONGLY_TYPED would take the weakly typed route, which needs BuilderFlag.INT8;
 - ``build_serialized_network`` + ``set_memory_pool_limit`` (no build_engine / max_workspace_size);
 - inference through the name-based tensor API and ``execute_async_v3`` on torch CUDA buffers.
 The engine file is TensorRT's plan, byte for byte; our metadata goes to ``model.engine.json``.
@@ -88,16 +92,42 @@ def _device_info() -> dict:
             "cuda": torch.version.cuda}
 
 
+def _int8_source(onnx_int8: Optional[Path]) -> Path:
+    """The QDQ file an INT8 engine is parsed from; refuses the ONNX Runtime encoding before TensorRT sees it."""
+    from .onnx import read_metadata
+
+    if onnx_int8 is None:
+        raise ExportFailed("an INT8 engine is built from an INT8 QDQ ONNX file quantized for TensorRT "
+                           "(quantize_int8(..., target='tensorrt')); none was given")
+    meta = read_metadata(onnx_int8)
+    if meta.get("precision") != "int8" or meta.get("int8_target") != "tensorrt":
+        raise BadInput(f"{onnx_int8} is not an INT8 file quantized for TensorRT (precision={meta.get('precision')}, "
+                       f"int8_target={meta.get('int8_target')}); TensorRT needs symmetric int8 Q/DQ: quantize the "
+                       "FP32 model with target 'tensorrt'")
+    return Path(onnx_int8)
+
+
 def build_engine(onnx_fp32: Path, onnx_fp16: Optional[Path], dest: Path, *, precision: str,
                  batch: tuple[int, int, int], workspace_gib: float, timing_cache: Path,
-                 metadata: dict, opt_level: int = 3, verbose: bool = False) -> dict:
+                 metadata: dict, opt_level: int = 3, verbose: bool = False,
+                 onnx_int8: Optional[Path] = None) -> dict:
     """Parse the ONNX file, build a plan for the batch profile, write it and its sidecar JSON."""
+    if precision not in ("fp32", "fp16", "int8"):
+        raise BadInput(f"TensorRT precision must be fp32, fp16 or int8, got {precision!r}")
     trt = require("cuda")
+    side = sidecar_of(dest)
+    if side.is_file():  # never overwrite another precision's engine
+        held = read_json_file(side).get("precision")
+        if held and held != precision:
+            raise BadInput(f"{dest} holds the {held} engine; the {precision} engine needs its own file")
     logger = _logger(trt, verbose)
-    strongly_typed = precision == "fp16" and _strong_typing(trt)
+    strongly_typed = precision in ("fp16", "int8") and _strong_typing(trt)
     if precision == "fp16" and strongly_typed and onnx_fp16 is None:
         raise ExportFailed("an FP16 engine on a strongly typed network needs model.fp16.onnx")
-    src = Path(onnx_fp16 if strongly_typed else onnx_fp32)
+    if precision == "int8":
+        src = _int8_source(onnx_int8)
+    else:
+        src = Path(onnx_fp16 if strongly_typed else onnx_fp32)
 
     t0 = time.perf_counter()
     builder = trt.Builder(logger)
@@ -117,6 +147,8 @@ def build_engine(onnx_fp32: Path, onnx_fp16: Optional[Path], dest: Path, *, prec
         config.clear_flag(trt.BuilderFlag.TF32)  # TF32 would cost ~1e-3 of FP32 parity
     if precision == "fp16" and not strongly_typed:
         config.set_flag(trt.BuilderFlag.FP16)  # TensorRT 10 without STRONGLY_TYPED: weak typing
+    if precision == "int8" and not strongly_typed:
+        config.set_flag(trt.BuilderFlag.INT8)  # weakly typed Q/DQ networks need it; no calibrator either way
 
     lo, opt, hi = batch
     inp = network.get_input(0)
@@ -146,6 +178,7 @@ def build_engine(onnx_fp32: Path, onnx_fp16: Optional[Path], dest: Path, *, prec
         "format": "tensorrt-plan", "tensorrt": trt.__version__, **_device_info(),
         "precision": precision, "strongly_typed": strongly_typed or _major(trt) >= 11,
         "source_onnx": str(src), "engine_sha256": hashlib.sha256(data).hexdigest(),
+        "quantization": "explicit (Q/DQ from the ONNX file)" if precision == "int8" else None,
         "profile": {inp.name: {k: list(v) for k, v in shapes.items()}}, "dynamic_batch": f"{lo}:{opt}:{hi}",
         "input_name": inp.name, "output_name": network.get_output(0).name,
         "workspace_gib": workspace_gib, "builder_optimization_level": opt_level,
@@ -251,23 +284,30 @@ class TrtPredictor(Predictor):
 
 
 def build(job) -> list:
-    """Format builder: ``model.engine`` + ``model.engine.json`` from the ONNX file(s) built just before."""
+    """Format builder: the precision's engine + its sidecar JSON from the ONNX file(s) built just before.
+
+    Each precision keeps its own engine (``model.engine``, ``model.fp16.engine``, ``model.int8.engine``),
+    built under its staging name; the export face renames it once its gates pass.
+    """
     from . import staged
     from .job import Artifact
 
     run = job.run
     onnx32 = job.artifacts.get("onnx")
     onnx16 = job.artifacts.get("onnx_fp16")
+    onnx8 = job.artifacts.get("onnx_int8_trt")  # the TensorRT encoding of INT8 (int8.py, target "tensorrt")
     src32 = onnx32.path if onnx32 else run.onnx_file("fp32")
     if not Path(src32).is_file():
         raise ExportFailed("the TensorRT builder needs model.onnx; export the onnx format first")
-    final = run.engine_file
+    final = run.engine(job.precision)
     dest = staged(final)
     sidecar = build_engine(src32, onnx16.path if onnx16 else None, dest, precision=job.precision,
                            batch=job.batch, workspace_gib=job.recipe.export.workspace_gib,
-                           timing_cache=run.timing_cache, metadata=job.metadata())
+                           timing_cache=run.timing_cache, metadata=job.metadata(),
+                           onnx_int8=onnx8.path if onnx8 else None)
     job.log(f"  trt: {run.relative(final)} (TensorRT {sidecar['tensorrt']}, {sidecar['precision']}, batch "
             f"{sidecar['dynamic_batch']}, {sidecar['build_s']:.0f}s)")
     predictor = TrtPredictor(dest, job.device)
-    return [Artifact("trt", dest, job.precision, predictor, {"sidecar": str(sidecar_of(final)), **sidecar,
-                                                             "provider": predictor.provider, "final": final})]
+    name = "trt" if job.precision == "fp32" else f"trt_{job.precision}"
+    return [Artifact(name, dest, job.precision, predictor, {"sidecar": str(sidecar_of(final)), **sidecar,
+                                                            "provider": predictor.provider, "final": final})]
