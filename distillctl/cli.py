@@ -101,7 +101,11 @@ def eval_(target: Optional[str] = typer.Argument(None, help="run folder, .safete
 @app.command()
 def export(run: Optional[str] = typer.Argument(None, help="run folder (default runs/latest)"),
            format_: List[str] = typer.Option(..., "--format", help="safetensors | onnx | trt (repeatable)"),
-           precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | fp16"),
+           precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | fp16 | int8"),
+           calibration: Optional[str] = typer.Option(None, "--calibration",
+                                                     help="INT8 calibration: minmax | entropy | percentile"),
+           calibration_images: Optional[int] = typer.Option(None, "--calibration-images",
+                                                            help="INT8: training images to calibrate on (default 256)"),
            dynamic_batch: Optional[str] = typer.Option(None, "--dynamic-batch", help="MIN:OPT:MAX"),
            opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset"),
            max_parity_diff: Optional[float] = typer.Option(
@@ -121,7 +125,7 @@ def export(run: Optional[str] = typer.Argument(None, help="run folder (default r
         formats = [f for item in format_ for f in item.split(",") if f]
         return export_run(Run.open(run), formats, precision=precision, dynamic_batch=dynamic_batch, opset=opset,
                           max_parity_diff=max_parity_diff, min_top1=min_top1, max_latency_ms=max_latency_ms,
-                          device=device)
+                          device=device, calibration=calibration, calibration_images=calibration_images)
 
     execute("export", json_out, body)
 

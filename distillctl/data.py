@@ -36,6 +36,8 @@ class DataBundle:
     name: str
     train_size: int
     val_size: int
+    class_names: Optional[list[str]] = None  # index -> name, travels with the exported student
+    preprocess: Optional[dict] = None  # the evaluation preprocessing as timm pretrained_cfg keys
 
 
 class BatchSource:
@@ -341,6 +343,22 @@ def load_cifar_tensors(root: Optional[str], which: str, download: bool):
     return read(train_files), read([test_file]), nc
 
 
+def cifar_label_names(root: Optional[str], which: str) -> Optional[list[str]]:
+    """The class names stored beside the CIFAR batches (``batches.meta`` / ``meta``); None when unreadable."""
+    try:
+        base = _cifar_files(_user_path(root, "data.root"), which)[0]
+        meta, key = (base / "batches.meta", "label_names") if which == "cifar10" else (base / "meta", "fine_label_names")
+        if not meta.is_file() or meta.stat().st_size > 1 << 20:
+            return None
+        with open(meta, "rb") as f:
+            d = _SafeUnpickler(f, encoding="latin1").load()
+        names = d.get(key) if isinstance(d, dict) else None
+        names = [n.decode() if isinstance(n, bytes) else n for n in names or []]
+        return names if names and all(isinstance(n, str) for n in names) else None
+    except (BadInput, OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError):
+        return None
+
+
 # ----------------------------------------------------------------------------- ImageFolder
 
 
@@ -473,32 +491,19 @@ class FolderBatches(BatchSource):
 # ----------------------------------------------------------------------------- entry point
 
 
-def build_data(cfg: DataConfig, *, seed: int, device: torch.device, rank: int = 0, world_size: int = 1) -> DataBundle:
-    """Build train/val batch sources for the recipe's dataset."""
-    from .augment import check_dataset
+# the in-memory sets are resized whole to the input size (bilinear): timm's transform with crop_pct 1.0
+MEMORY_PREPROCESS = {"interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}
 
-    check_dataset(cfg)  # per-image augment keys are ImageFolder-only
+
+def _memory_split(cfg: DataConfig):
+    """(train images, train labels, val images, val labels, classes, names) of an in-memory data set."""
     size = cfg.image_size
-    if cfg.dataset == "imagefolder":
-        if not cfg.root:
-            raise BadInput("data.dataset: imagefolder needs data.root with train/ and val/ sub-folders")
-        root = _user_path(cfg.root, "data.root")
-        check_image_tree(root)
-        tr = _FolderDataset(root / "train", size, True, cfg.augment)
-        va = _FolderDataset(root / "val", size, False, cfg.augment)
-        if tr.inner.classes != va.inner.classes:
-            raise BadInput(f"train/ and val/ class folders differ under {root}")
-        common = dict(image_size=size, seed=seed, device=device, workers=cfg.num_workers)
-        return DataBundle(
-            FolderBatches(tr, batch_size=cfg.batch_size, train=True, augment=cfg.augment, rank=rank,
-                          world_size=world_size, **common),
-            FolderBatches(va, batch_size=cfg.val_batch_size, train=False, augment=cfg.augment, **common),
-            len(tr.inner.classes), "imagefolder", len(tr), len(va))
-
+    names = None
     if cfg.dataset == "digits":
         x, y = load_digits_tensors(size)
         tr_i, va_i = _stratified_split(y, cfg.val_fraction, DIGITS_SPLIT_SEED)
         (xtr, ytr), (xva, yva), nc = (x[tr_i], y[tr_i]), (x[va_i], y[va_i]), 10
+        names = [str(i) for i in range(10)]
     elif cfg.dataset == "synthetic":
         nc = cfg.num_classes or 10
         x, y = synthetic_tensors(cfg.synthetic_size, nc, size)
@@ -506,14 +511,65 @@ def build_data(cfg: DataConfig, *, seed: int, device: torch.device, rank: int = 
         (xtr, ytr), (xva, yva) = (x[tr_i], y[tr_i]), (x[va_i], y[va_i])
     else:
         (xtr, ytr), (xva, yva), nc = load_cifar_tensors(cfg.root, cfg.dataset, cfg.download)
+        names = cifar_label_names(cfg.root, cfg.dataset)
     if cfg.num_classes is not None and cfg.dataset != "synthetic" and cfg.num_classes != nc:
         raise BadInput(f"data.num_classes is {cfg.num_classes} but {cfg.dataset} has {nc} classes")
     if cfg.train_per_class:
         keep = _per_class_subset(ytr, cfg.train_per_class, cfg.subset_seed)
         xtr, ytr = xtr[keep], ytr[keep]
+    return xtr, ytr, xva, yva, nc, names
+
+
+def _folder_root(cfg: DataConfig) -> Path:
+    if not cfg.root:
+        raise BadInput("data.dataset: imagefolder needs data.root with train/ and val/ sub-folders")
+    root = _user_path(cfg.root, "data.root")
+    check_image_tree(root)
+    return root
+
+
+def build_data(cfg: DataConfig, *, seed: int, device: torch.device, rank: int = 0, world_size: int = 1) -> DataBundle:
+    """Build train/val batch sources for the recipe's dataset."""
+    from .augment import check_dataset, eval_preprocess
+
+    check_dataset(cfg)  # per-image augment keys are ImageFolder-only
+    size = cfg.image_size
+    if cfg.dataset == "imagefolder":
+        root = _folder_root(cfg)
+        tr = _FolderDataset(root / "train", size, True, cfg.augment)
+        va = _FolderDataset(root / "val", size, False, cfg.augment)
+        if tr.inner.classes != va.inner.classes:
+            raise BadInput(f"train/ and val/ class folders differ under {root}")
+        common = dict(image_size=size, seed=seed, device=device, workers=cfg.num_workers)
+        pre = {k: v for k, v in eval_preprocess(size).items() if k != "input_size"}
+        return DataBundle(
+            FolderBatches(tr, batch_size=cfg.batch_size, train=True, augment=cfg.augment, rank=rank,
+                          world_size=world_size, **common),
+            FolderBatches(va, batch_size=cfg.val_batch_size, train=False, augment=cfg.augment, **common),
+            len(tr.inner.classes), "imagefolder", len(tr), len(va), list(tr.inner.classes), pre)
+
+    xtr, ytr, xva, yva, nc, names = _memory_split(cfg)
     dev = device if cfg.on_device else torch.device("cpu")
     train = TensorBatches(xtr, ytr, batch_size=cfg.batch_size, image_size=size, train=True, augment=cfg.augment,
                           seed=seed, device=dev, rank=rank, world_size=world_size)
     val = TensorBatches(xva, yva, batch_size=cfg.val_batch_size, image_size=size, train=False,
                         augment=cfg.augment, seed=seed, device=dev)
-    return DataBundle(train, val, nc, cfg.dataset, len(ytr), len(yva))
+    return DataBundle(train, val, nc, cfg.dataset, len(ytr), len(yva), names, dict(MEMORY_PREPROCESS))
+
+
+def calibration_source(cfg: DataConfig, *, seed: int, count: int, batch_size: int = 64) -> BatchSource:
+    """``count`` training images in a fixed shuffled order, with the evaluation preprocessing (no
+    augmentation): what INT8 calibration sees, as the deployed student will see its inputs."""
+    g = torch.Generator().manual_seed(seed * 7 + 11)
+    size = cfg.image_size
+    if cfg.dataset == "imagefolder":
+        ds = _FolderDataset(_folder_root(cfg) / "train", size, False, cfg.augment)  # the eval transform
+        idx = torch.randperm(len(ds), generator=g)[:count].tolist()
+        sub = torch.utils.data.Subset(ds, idx)
+        sub.inner = ds.inner
+        return FolderBatches(sub, batch_size=batch_size, train=False, augment=cfg.augment, image_size=size, seed=seed,
+                             device=torch.device("cpu"), workers=cfg.num_workers)
+    xtr, ytr = _memory_split(cfg)[:2]
+    idx = torch.randperm(len(ytr), generator=g)[:count]
+    return TensorBatches(xtr[idx], ytr[idx], batch_size=batch_size, image_size=size, train=False,
+                         augment=cfg.augment, seed=seed, device=torch.device("cpu"))

@@ -271,8 +271,12 @@ class MethodSection(BaseModel):
 
 class ExportConfig(_Strict):
     formats: list[Literal["safetensors", "onnx", "trt"]] = Field(["safetensors", "onnx"], max_length=8)
-    precision: Literal["fp32", "fp16"] = "fp32"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
     onnx_fp16: bool = Field(False, description="also write model.fp16.onnx")
+    int8_calibration: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="how INT8 activation ranges are calibrated (ONNX Runtime's static quantizer)")
+    int8_calibration_images: int = Field(256, ge=8, le=100_000, description="training images seen by the "
+                                         "INT8 calibration, through the student's evaluation preprocessing")
     opset: Optional[int] = Field(None, ge=13, le=25)
     dynamic_batch: str = Field("1:8:32", max_length=64, description="MIN:OPT:MAX batch for the ONNX/TensorRT profile")
     parity_images: int = Field(256, ge=1, le=MAX_PARITY_IMAGES)
@@ -290,8 +294,8 @@ class ExportConfig(_Strict):
 
 class BenchConfig(_Strict):
     batch_sizes: list[Batch] = Field([1, 32], min_length=1, max_length=32)
-    backends: list[Literal["torch", "torch_compile", "onnxruntime", "trt"]] = Field(["torch", "onnxruntime"],
-                                                                                   min_length=1, max_length=8)
+    backends: list[Literal["torch", "torch_compile", "onnxruntime", "trt"]] = Field(
+        ["torch", "onnxruntime"], max_length=8, description="[] skips the bench stage of `distillctl run`")
     warmup: int = Field(10, ge=0, le=100_000)
     iters: int = Field(50, ge=1, le=1_000_000)
     threads: Optional[int] = Field(None, ge=1, le=MAX_THREADS, description="CPU threads for torch and ONNX Runtime")

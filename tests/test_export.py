@@ -162,7 +162,7 @@ def test_min_top1_gate_on_safetensors_only(run, tmp_path):
 @pytest.mark.parametrize("kwargs, needle", [
     ({"formats": ["tflite"]}, "unknown export format"),
     ({"formats": ["onnx"], "dynamic_batch": "8:1:32"}, "MIN <= OPT <= MAX"),
-    ({"formats": ["onnx"], "precision": "int8"}, "--precision"),
+    ({"formats": ["onnx"], "precision": "int4"}, "--precision"),
     ({"formats": ["onnx"], "min_top1": 3.0}, "fraction"),
 ])
 def test_bad_options_are_exit_2(run, kwargs, needle):
@@ -206,3 +206,60 @@ def test_fp16_converter_keeps_listed_ops_in_fp32(exported):
     a, b = sess32.run(None, {"input": x})[0], sess16.run(None, {"input": x})[0]
     assert np.abs(a - b).max() < 2e-2 * max(1.0, np.abs(a).max())
     assert (a.argmax(-1) == b.argmax(-1)).all()
+
+
+# ----------------------------------------------------------------------------- INT8
+
+
+@pytest.fixture(scope="module")
+def int8_run(run, exported, tmp_path_factory):
+    """A copy of the exported run (FP32 ONNX present), then an INT8 export into it."""
+    copy = tmp_path_factory.mktemp("int8") / "run"
+    shutil.copytree(run, copy)
+    fp32_before = (copy / "export" / "model.onnx").read_bytes()
+    res = export_run(Run.open(copy), ["onnx"], precision="int8", device="cpu")
+    return copy, res, fp32_before
+
+
+def test_int8_export_passes_its_gates_and_keeps_the_fp32_file(int8_run):
+    copy, res, fp32_before = int8_run
+    p = res["parity"]["onnx_int8"]
+    assert p["top1_agreement"] >= 0.97 and p["max_abs_diff"] <= p["tolerance"]
+    assert p["tolerance"] == pytest.approx(0.25 * max(1.0, p["ref_max_abs_logit"]))
+    assert abs(res["metrics"]["onnx_int8_top1"] - res["metrics"]["student_top1"]) <= 0.03
+    int8 = copy / "export" / "model.int8.onnx"
+    assert res["artifacts"]["onnx_int8"] == str(int8)
+    assert int8.stat().st_size < 0.35 * (copy / "export" / "model.onnx").stat().st_size  # ~4x smaller
+    assert (copy / "export" / "model.onnx").read_bytes() == fp32_before  # each precision keeps its own file
+    meta = onnx_format.read_metadata(int8)
+    assert meta["precision"] == "int8" and meta["architecture"] == "resnet18"
+    ops = {n.op_type for n in onnx.load(str(int8)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    doc = read_json(copy / EXPORT_JSON)  # export.json accumulates: the FP32 entries are still there
+    assert {"onnx", "onnx_fp16", "onnx_int8"} <= set(doc["artifacts"]) and "onnx" in doc["parity"]
+    details = doc["details"]["onnx_int8"]
+    assert details["method"] == "minmax" and details["count"] == 256
+
+
+def test_int8_in_bench_and_card(int8_run):
+    from distillctl.export.bench import run_bench
+
+    copy, _, _ = int8_run
+    res = run_bench([str(copy)], batch_sizes=[1], warmup=1, iters=4, threads=1, device="cpu")
+    assert {"onnxruntime", "onnxruntime_int8"} <= set(res["latency_ms"])
+    card = (copy / "MODEL_CARD.md").read_text()
+    assert "| onnx_int8 | `export/model.int8.onnx` | int8 |" in card
+    assert "| onnxruntime_int8 |" in card
+
+
+def test_int8_failed_gate_never_takes_the_final_name(run, exported, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    with pytest.raises(GateFailed) as info:
+        export_run(Run.open(copy), ["onnx"], precision="int8", min_top1=1.0, calibration_images=64, device="cpu")
+    assert info.value.exit_code == 3 and "onnx_int8 top1" in info.value.message
+    assert not (copy / "export" / "model.int8.onnx").exists()
+    assert (copy / "export" / "model.int8.failed.onnx").is_file()
+    doc = read_json(copy / EXPORT_JSON)
+    assert "onnx_int8" in doc["failed_artifacts"] and "onnx_int8" not in doc["artifacts"]
+    assert doc["details"]["onnx_int8"]["count"] == 64

@@ -133,7 +133,8 @@ def bench_target(target: Target | str | None) -> BenchTarget:
         bt = BenchTarget(run.root.name, run, size, bench=bench)
         bt.sources["torch"] = bt.sources["torch_compile"] = run.student_dir
         arts = run.artifacts()
-        for fmt, key in (("onnxruntime", "onnx"), ("onnxruntime_fp16", "onnx_fp16"), ("trt", "trt")):
+        for fmt, key in (("onnxruntime", "onnx"), ("onnxruntime_fp16", "onnx_fp16"), ("onnxruntime_int8", "onnx_int8"),
+                         ("trt", "trt"), ("trt_fp16", "trt_fp16"), ("trt_int8", "trt_int8")):
             if key in arts:
                 bt.sources[fmt] = arts[key]
         return bt
@@ -149,7 +150,8 @@ def bench_target(target: Target | str | None) -> BenchTarget:
         meta = read_metadata(p)
         if "input_size" not in meta:
             raise BadInput(f"{p} has no input_size in metadata_props (not exported by distillctl)")
-        fmt = "onnxruntime_fp16" if meta.get("precision") == "fp16" else "onnxruntime"
+        prec = meta.get("precision", "fp32")
+        fmt = "onnxruntime" if prec == "fp32" else f"onnxruntime_{prec}"
         return BenchTarget(t.label, run, int(meta["input_size"][-1]), {fmt: p}, bench, where=p)
     side = trt_format.read_sidecar(p)
     return BenchTarget(t.label, run, int(side["input_size"][-1]), {"trt": p}, bench, where=p)
@@ -207,14 +209,17 @@ def run_bench(targets: list, *, batch_sizes: Optional[list[int]] = None, backend
     try:
         for t in resolved:
             wanted = list(backends if explicit else t.bench.backends)
-            if "onnxruntime" in wanted and "onnxruntime_fp16" in t.sources:
-                wanted.insert(wanted.index("onnxruntime") + 1, "onnxruntime_fp16")
-            if not explicit and t.sources.keys() <= {"onnxruntime", "onnxruntime_fp16", "trt"}:
+            for base in ("onnxruntime", "trt"):  # every precision the run exported for a backend asked for
+                if base in wanted:
+                    extra = [f"{base}_{p}" for p in ("fp16", "int8") if f"{base}_{p}" in t.sources]
+                    i = wanted.index(base) + 1
+                    wanted[i:i] = extra
+            if not explicit and not ({"torch", "torch_compile"} & t.sources.keys()):
                 wanted = list(t.sources)  # a lone artifact file: bench what it is
             predictors: dict[str, Predictor] = {}
             for fmt in wanted:
                 key = f"{t.label}/{fmt}" if prefix else fmt
-                if fmt == "trt":  # asked for explicitly (or an engine target): a missing TensorRT is exit 4
+                if fmt.startswith("trt"):  # asked for explicitly (or an engine target): a missing TensorRT is exit 4
                     try:
                         trt_format.require(device)
                     except MissingCapability as err:

@@ -115,7 +115,7 @@ def write_model_card(run: Run) -> Path:
         par_rows = []
         for name, path in export["artifacts"].items():
             p = export["parity"].get(name)
-            prec = "fp16" if name.endswith("fp16") or (name == "trt" and export.get("precision") == "fp16") else "fp32"
+            prec = next((q for q in ("fp16", "int8") if name.endswith(q)), "fp32")
             if p:
                 par_rows.append([name, f"`{run.relative(path)}`",
                                  prec, f"{p['max_abs_diff']:.3g}", f"{p['mean_abs_diff']:.3g}",

@@ -36,6 +36,7 @@ class ExportJob:
     torch_device: torch.device
     student_metrics: dict  # top1/top5/n of the PyTorch student on the val split
     calibration: Optional[object] = None  # callable -> iterator of normalised training batches (INT8)
+    formats: tuple = ()  # every format of this export (a builder may prepare what a later one needs)
     artifacts: dict[str, Artifact] = field(default_factory=dict)  # built so far, in format order
 
     @property

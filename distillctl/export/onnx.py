@@ -297,10 +297,12 @@ def _fresh(path: Path, student_weights: Path, recipe_hash: str) -> bool:
 
 
 def build(job) -> list:
-    """Format builder: ``model.onnx`` (FP32) and, for fp16 or ``export.onnx_fp16``, ``model.fp16.onnx``.
+    """Format builder: ``model.onnx`` (FP32); ``model.fp16.onnx`` for fp16 (or ``export.onnx_fp16``);
+    ``model.int8.onnx`` for int8 (static QDQ, calibrated on training images), plus the TensorRT
+    encoding ``model.int8.trt.onnx`` when an engine is to be built.
 
     Every file is built under its staging name; the export face renames it once its gates pass.
-    An FP16 export reuses an up-to-date ``model.onnx`` as its source instead of rewriting it.
+    An FP16/INT8 export reuses an up-to-date ``model.onnx`` as its source instead of rewriting it.
     """
     from . import staged
     from .job import Artifact
@@ -329,7 +331,25 @@ def build(job) -> list:
                 + (f", fp32 ops: {', '.join(info16['kept_fp32_ops'])}" if info16["kept_fp32_ops"] else "") + ")")
         out.append(Artifact("onnx_fp16", dest16, "fp16", OrtPredictor(dest16, job.device, name="onnx_fp16"),
                             {**info16, "final": final16}))
+    if job.precision == "int8":
+        from .int8 import quantize_int8
+
+        ex = job.recipe.export
+        # ONNX Runtime's encoding (uint8 activations, fused integer kernels on CPU) is the ONNX artifact;
+        # TensorRT's (symmetric int8 Q/DQ) is built only as the source of an INT8 engine
+        targets = [("onnxruntime", "onnx_int8", "int8")]
+        if "trt" in job.formats:
+            targets.append(("tensorrt", "onnx_int8_trt", "int8_trt"))
+        for target, key, name in targets:
+            final8 = run.onnx_file(name)
+            dest8 = staged(final8)
+            info8 = quantize_int8(source, dest8, job.calibration(), method=ex.int8_calibration,
+                                  count=ex.int8_calibration_images, target=target)
+            job.log(f"  {key}: {run.relative(final8)} ({info8['bytes'] / 1e6:.1f} MB, {info8['method']} calibration "
+                    f"on {info8['count']} training images, {info8['size_ratio']:.2f}x the FP32 size)")
+            predictor = OrtPredictor(dest8, job.device, name=key) if target == "onnxruntime" else None
+            out.append(Artifact(key, dest8, "int8", predictor, {**info8, "final": final8}))
     for a in out:
-        a.info["provider"] = a.predictor.provider
+        a.info["provider"] = a.predictor.provider if a.predictor is not None else None
         a.info["path"] = str(a.info["final"])
     return out
