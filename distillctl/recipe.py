@@ -712,9 +712,33 @@ def read_raw(path: str | Path) -> dict:
     return raw
 
 
+def switch_method(raw: dict, overrides: list[str]) -> dict:
+    """``--set method.name=X`` switches method cleanly: the recipe's parameters that X does not have are
+    dropped with a note (those given with ``--set method.KEY`` are kept and validated)."""
+    keys = [o.split("=", 1)[0].strip() for o in overrides or [] if "=" in o]
+    section = raw.get("method")
+    if "method.name" not in keys or not isinstance(section, dict):
+        return raw
+    from .methods import registry
+
+    name = section.get("name")
+    if name not in registry.names():
+        return raw  # validation names the unknown method
+    fields = registry.get(name).Config.model_fields
+    given = {k.split(".", 1)[1] for k in keys if k.startswith("method.")}
+    dropped = sorted(k for k in section if k != "name" and k not in fields and k not in given)
+    if dropped:
+        import logging
+
+        logging.getLogger("distillctl").info(f"note: method {name} has no parameter {', '.join(dropped)}; "
+                                             "dropped from the recipe's method section")
+        raw["method"] = {k: v for k, v in section.items() if k not in dropped}
+    return raw
+
+
 def load_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Recipe:
     """Read a recipe file safely, apply ``--set`` overrides, validate. Raises BadInput."""
-    return validate_raw(apply_overrides(read_raw(path), overrides or []))
+    return validate_raw(switch_method(apply_overrides(read_raw(path), overrides or []), overrides or []))
 
 
 def method_config(recipe: Recipe):

@@ -79,3 +79,17 @@ def test_dynamic_batch_checked():
     with pytest.raises(BadInput) as e:
         validate_raw(_raw(export={"dynamic_batch": "8:1:32"}))
     assert "export.dynamic_batch" in e.value.message
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
+@pytest.mark.parametrize("method", ["kd", "hcd", "dkd"])
+def test_set_method_name_switches_cleanly_on_every_shipped_recipe(recipe, method):
+    """The other method's parameters are dropped with a note; the new method's defaults fill in."""
+    from distillctl.methods import registry
+
+    path = RECIPES / recipe
+    r = load_recipe(path, [f"method.name={method}"])
+    assert r.method.name == method
+    assert set(r.method.params()) == set(registry.get(method).Config.model_fields)
+    # a parameter given on the command line is kept, and validated against the new method
+    assert load_recipe(path, [f"method.name={method}", "method.temperature=2.0"]).method.params()["temperature"] == 2.0

@@ -116,3 +116,74 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     for k in full:
         assert torch.allclose(full[k].float(), resumed[k].float(), atol=1e-6), k
     assert load_checkpoint(c / "checkpoint.pt")["epoch"] == 3
+
+
+def _fit(path, data, method, cfg, view, **kw):
+    return fit(method, data, cfg, run=_run(path), device=torch.device("cpu"), student_view=view, teacher_view=None,
+               **kw)
+
+
+def test_divergence_before_any_checkpoint_says_there_is_none(tmp_path):
+    data, method, cfg, view = _setup(tmp_path)
+    method.at = 0.2
+    with pytest.raises(Diverged) as e:
+        _fit(tmp_path, data, method, cfg, view)
+    assert "no checkpoint had been written yet" in e.value.message and "kept at" not in e.value.message
+
+
+def test_gradient_accumulation_equals_the_large_batch(tmp_path):
+    """2 micro-batches of 8 per step == 1 batch of 16 (same images, same order, lr per effective batch)."""
+    from distillctl.data import build_data
+
+    states = []
+    for bs, acc in ((16, 1), (8, 2)):
+        data = build_data(DataConfig(dataset="synthetic", num_classes=3, synthetic_size=80, image_size=8,
+                                     batch_size=bs), seed=0, device=torch.device("cpu"))
+        torch.manual_seed(0)
+        method = _NanAt(_Tiny(), None, MethodConfig(), PairInfo(3, None, None))
+        method.at = 99
+        cfg = TrainConfig(epochs=2, lr=0.1, log_every=1, accumulate=acc, weight_decay=1e-3)
+        _fit(tmp_path / f"b{bs}", data, method, cfg, InputView(8, (0.5,) * 3, (0.5,) * 3))
+        states.append(method.student.state_dict())
+        rows = Run(tmp_path / f"b{bs}").metrics_rows()
+        assert [r["step"] for r in rows if "step" in r] == [1, 2, 3, 4, 1, 2, 3, 4]  # optimizer steps
+    for k in states[0]:
+        assert torch.allclose(states[0][k], states[1][k], atol=1e-6), k
+
+
+def test_best_epoch_is_exported_and_recorded(tmp_path):
+    from distillctl.models import read_state_dict
+
+    data, method, cfg, view = _setup(tmp_path, epochs=4)
+    method.at = 99
+    res = _fit(tmp_path, data, method, cfg, view)
+    hist = res["history"]
+    best = max(range(len(hist)), key=lambda i: (hist[i], -i))  # the first epoch reaching the best top-1
+    assert res["chosen"] == {"weights": "best", "epoch": best + 1, "metric": "top1", "value": hist[best]}
+    saved = read_state_dict(tmp_path / "best.safetensors")
+    exported = res["eval_model"].state_dict()
+    assert all(torch.equal(saved[k], exported[k]) for k in saved)
+    assert res["top1"] == pytest.approx(hist[best])
+
+
+def test_early_stopping_after_patience_without_gain(tmp_path):
+    data, method, cfg, view = _setup(tmp_path, epochs=6)
+    method.at = 99
+    cfg = TrainConfig(epochs=6, lr=1e-12, log_every=2, early_stop_patience=2)  # learns nothing: no gain
+    res = _fit(tmp_path, data, method, cfg, view)
+    assert res["early_stopped_at"] == 3 and len(res["history"]) == 3
+
+
+def test_plain_progress_lines_when_not_on_a_terminal(tmp_path, caplog):
+    import logging
+
+    from distillctl.progress import Progress
+
+    data, method, cfg, view = _setup(tmp_path, epochs=1)
+    method.at = 99
+    with caplog.at_level(logging.INFO, logger="distillctl"):
+        _fit(tmp_path, data, method, cfg, view, progress=Progress("distill 2/2", bar=False))
+    lines = [r.getMessage() for r in caplog.records]
+    steps = [m for m in lines if m.startswith("distill 2/2 | step")]
+    assert len(steps) == 3 and "ETA" in steps[0] and "img/s" in steps[0]  # every logged step (log_every 2 of 6)
+    assert any(m.startswith("distill 2/2: epoch 1/1") and "top1=" in m for m in lines)
