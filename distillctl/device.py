@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import platform
 import random
+import time
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -89,3 +91,64 @@ def versions() -> dict:
         out["cuda"] = torch.version.cuda
         out["gpu"] = torch.cuda.get_device_name(0)
     return out
+
+
+# ----------------------------------------------------------------------------- CPU threads
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _cpu_times() -> tuple[float, float]:
+    with open("/proc/stat") as f:
+        parts = f.readline().split()[1:]
+    values = [float(v) for v in parts[:8]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values), idle
+
+
+def cpu_load(sample_s: float = 0.2) -> dict:
+    """How busy the machine is right now: cores other processes keep busy, sampled over ``sample_s``.
+
+    Read from /proc/stat while this process sleeps, so it measures the others. Where /proc is
+    missing (macOS, Windows) the load is reported as unknown.
+    """
+    cores = usable_cores()
+    try:
+        t0, i0 = _cpu_times()
+        time.sleep(sample_s)
+        t1, i1 = _cpu_times()
+        busy = max(0.0, 1.0 - (i1 - i0) / max(t1 - t0, 1e-9)) * (os.cpu_count() or cores)
+        load1 = os.getloadavg()[0]
+    except (OSError, ValueError, IndexError):
+        return {"cores": cores, "busy_cores": None, "loadavg_1m": None}
+    return {"cores": cores, "busy_cores": round(busy, 2), "loadavg_1m": round(load1, 2)}
+
+
+def choose_threads(requested: Optional[int] = None, load: Optional[dict] = None) -> int:
+    """Intra-op threads for this process: ``requested``, else the cores other processes leave free.
+
+    Measured (benchmarks/threads.py): with every core given to torch and one core taken by another
+    process, OpenMP's barriers make each small op wait for the slowest thread, and a training step or
+    a batch-1 call slows down several-fold; one thread fewer than the busy cores avoids that.
+    """
+    if requested:
+        return int(requested)
+    load = load or cpu_load()
+    cores = load["cores"]
+    busy = load.get("busy_cores")
+    if busy is None:
+        return cores
+    return max(1, min(cores, cores - int(round(busy))))
+
+
+def apply_threads(requested: Optional[int] = None) -> dict:
+    """Set torch's intra-op threads by ``choose_threads``; returns what was seen and chosen."""
+    load = cpu_load()
+    n = choose_threads(requested, load)
+    torch.set_num_threads(n)
+    return {**load, "threads": n, "requested": requested,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}

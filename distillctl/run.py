@@ -139,6 +139,11 @@ def save_weights(path: Path, state: dict, metadata: Optional[dict] = None) -> No
         if err.errno in DISK_ERRORS:
             raise storage_error(path, err) from None
         raise
+    except Exception as err:  # safetensors reports a failed write as its own error ("I/O error: ...")
+        discard(tmp)
+        if "I/O error" in str(err) or "os error" in str(err):
+            raise storage_error(path, err) from None
+        raise
 
 
 def load_student_folder(path: Path, device="cpu"):
@@ -589,7 +594,7 @@ class Run:
             raise
         except RuntimeError as err:  # torch wraps write failures ("... file write failed")
             discard(tmp)
-            raise storage_error(final, OSError(errno.EIO, str(err)[:200])) from None
+            raise storage_error(final, err) from None
 
     def load_checkpoint(self) -> dict:
         """The trainer state (read once; ``flows.prepare`` reads it before a resume touches the folder)."""
