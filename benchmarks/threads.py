@@ -30,7 +30,7 @@ POLICIES = {
     "default": ({}, None),
     "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, None),
     "threads=1": ({}, 1),
-    "passive,threads=cores-1": ({"OMP_WAIT_POLICY": "PASSIVE"}, "cores-1"),
+    "passive+threads=cores-1": ({"OMP_WAIT_POLICY": "PASSIVE"}, "cores-1"),
     "distillctl": ({"OMP_WAIT_POLICY": "PASSIVE"}, "auto"),  # what distillctl does: free cores, passive waits
 }
 

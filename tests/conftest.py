@@ -83,7 +83,7 @@ def run_cli(*args, cwd=None):
     if cwd is not None:
         os.chdir(cwd)
     try:
-        r = CliRunner().invoke(app, [str(a) for a in args], env={"CI": "true"})
+        r = CliRunner().invoke(app, [str(a) for a in args], env={"CI": "true"}, prog_name="distillctl")
     finally:
         os.chdir(old)
     if r.exception is not None and not isinstance(r.exception, SystemExit):
