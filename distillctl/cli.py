@@ -236,6 +236,12 @@ def compare(recipe: str = typer.Argument(..., help="recipe YAML file"),
 
 
 def main():
+    # Before torch is imported: idle OpenMP threads sleep instead of spinning. Spinning threads on a
+    # machine shared with another busy process made every small op wait (benchmarks/threads.py: a
+    # training step 9x slower; passive waits: 1.1x). An explicit OMP_WAIT_POLICY is left alone.
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()
 
 

@@ -131,12 +131,16 @@ def cpu_load(sample_s: float = 0.2) -> dict:
 def choose_threads(requested: Optional[int] = None, load: Optional[dict] = None) -> int:
     """Intra-op threads for this process: ``requested``, else the cores other processes leave free.
 
-    Measured (benchmarks/threads.py): with every core given to torch and one core taken by another
-    process, OpenMP's barriers make each small op wait for the slowest thread, and a training step or
-    a batch-1 call slows down several-fold; one thread fewer than the busy cores avoids that.
+    Measured (benchmarks/threads.py, README): with every core given to torch and one core taken by
+    another process, OpenMP's spinning barriers make a training step or a batch-1 call ~9x slower;
+    passive waits (``OMP_WAIT_POLICY=PASSIVE``, which the CLI sets) remove most of it, and leaving the
+    busy cores to their owner removes the rest. ``OMP_NUM_THREADS``, when set, is obeyed.
     """
     if requested:
         return int(requested)
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:  # the user (or a launcher such as torchrun) already decided
+        return int(env)
     load = load or cpu_load()
     cores = load["cores"]
     busy = load.get("busy_cores")

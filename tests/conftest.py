@@ -9,6 +9,7 @@ RECIPES = ROOT / "recipes"
 
 # Tiny models run fastest on one thread, and subprocesses must not oversubscribe the cores.
 os.environ["OMP_NUM_THREADS"] = "1"
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI sets it
 import torch  # noqa: E402
 
 torch.set_num_threads(1)

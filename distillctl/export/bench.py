@@ -16,6 +16,7 @@ synchronised). Figures: p50/p90/p99/mean in ms per batch, throughput = batch x c
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import sys
@@ -35,6 +36,7 @@ from ..run import BENCH_JSON, BENCH_PNG, Run, Target, resolve_target
 from .onnx import read_metadata
 from .runtime import OrtPredictor, Predictor, TorchPredictor
 
+log = logging.getLogger("distillctl")
 BACKENDS = ("torch", "torch_compile", "onnxruntime", "trt")
 MIN_WARMUP_S = 0.2
 ROUNDS = 5  # blocks per backend: interleaved so a burst of load from elsewhere hits every backend
@@ -199,7 +201,10 @@ def run_bench(targets: list, *, batch_sizes: Optional[list[int]] = None, backend
     first = resolved[0].bench
     warmup = first.warmup if warmup is None else warmup
     iters = first.iters if iters is None else iters
-    threads = threads or first.threads or torch.get_num_threads()
+    from ..device import choose_threads, cpu_load
+
+    load_before = cpu_load()
+    threads = choose_threads(threads or first.threads, load_before)  # the cores other processes leave free
     sizes = [int(b) for b in (batch_sizes or first.batch_sizes)]
 
     latency, throughput, providers, skipped, speedup, compile_s = {}, {}, {}, {}, {}, {}
@@ -263,11 +268,16 @@ def run_bench(targets: list, *, batch_sizes: Optional[list[int]] = None, backend
         if base_key in latency and key != base_key:
             speedup[key] = {b: round(latency[base_key][b]["p50"] / v["p50"], 3)
                             for b, v in per.items() if b in latency[base_key]}
+    load = interference(latency, load_before, cpu_load(), threads)
+    if load["contaminated"]:
+        log.warning("warning: the timings look disturbed by other load (" + "; ".join(load["reasons"]) +
+                    "); latency ratios are not reported from this measurement")
     result = {
         "targets": [str(t.run.root if t.run is not None else t.where) for t in resolved],
         "latency_ms": latency, "throughput_img_s": throughput,
-        "speedup_vs_torch_p50": speedup,
+        "speedup_vs_torch_p50": {} if load["contaminated"] else speedup,
         "device": device_info(torch_device, threads), "versions": versions(), "providers": providers,
+        "load": load,
         "skipped": skipped, "compile_s": compile_s, "settings": {"batch_sizes": sizes, "warmup": warmup, "iters": iters, "threads": threads,
                                          "rounds": ROUNDS, "settle_s": SETTLE_S,
                                          "min_warmup_s": MIN_WARMUP_S, "ort_spinning": False},
@@ -292,6 +302,27 @@ def run_bench(targets: list, *, batch_sizes: Optional[list[int]] = None, backend
     result["files"] = files
     print_table(result)
     return result
+
+
+def interference(latency: dict, before: dict, after: dict, threads: int) -> dict:
+    """Whether other processes disturbed the timings: the load seen around them, and the spread of each cell.
+
+    Contaminated when another process kept at least half a core busy before or after (with fewer
+    free cores than the threads used), or when any cell's p90 is more than 1.5x its p50 (a quiet
+    machine keeps p90/p50 near 1). Ratios between runtimes are only reported from clean runs.
+    """
+    reasons = []
+    for when, seen in (("before", before), ("after", after)):
+        busy = seen.get("busy_cores")
+        if busy is not None and busy >= 0.5 and seen["cores"] - busy < threads:
+            reasons.append(f"{busy:.1f} of {seen['cores']} cores busy elsewhere {when} timing")
+    spread = {f"{k}[{b}]": round(v["p90"] / v["p50"], 2) for k, per in latency.items() for b, v in per.items()
+              if v["p50"] > 0}
+    wide = {c: r for c, r in spread.items() if r > 1.5}
+    if wide:
+        reasons.append("p90/p50 > 1.5 in " + ", ".join(f"{c} ({r})" for c, r in list(wide.items())[:4]))
+    return {"before": before, "after": after, "threads": threads, "p90_over_p50": spread,
+            "contaminated": bool(reasons), "reasons": reasons}
 
 
 # ----------------------------------------------------------------------------- reporting

@@ -152,6 +152,16 @@ def write_model_card(run: Run) -> Path:
                 lat_rows.append([fmt, bench.get("providers", {}).get(fmt, ""), b, f"{s['p50']:.3f}", f"{s['p90']:.3f}",
                                  f"{s['p99']:.3f}", f"{bench['throughput_img_s'][fmt][b]:.0f}"])
         out.append(_table(["format", "runtime", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s"], lat_rows))
+        load = bench.get("load") or {}
+        if load.get("contaminated"):
+            out.append("\n**Measured on a busy machine** (" + "; ".join(load.get("reasons", [])) + "): these figures "
+                       "show that machine at that moment; no speed-up between runtimes is claimed from them. "
+                       "Re-run `distillctl bench` on a quiet machine.")
+        elif bench.get("speedup_vs_torch_p50"):
+            best = max(((k, b, r) for k, per in bench["speedup_vs_torch_p50"].items() for b, r in per.items()),
+                       key=lambda c: c[2])
+            out.append(f"\nFastest against PyTorch eager: {best[0]} at batch {best[1]}, {best[2]:.1f}x "
+                       f"(quiet machine, {load.get('threads', '?')} threads, p90/p50 <= 1.5 in every cell).")
         if run.bench_png.is_file():
             out.append(f"\n![latency]({run.relative(run.bench_png)})")
         for k, why in bench.get("skipped", {}).items():

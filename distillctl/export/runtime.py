@@ -9,6 +9,7 @@ logit parity against a reference.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -111,7 +112,7 @@ def ort_plan(device: str) -> tuple[list, bool]:
 
 
 def create_session(path: Path, device: str = "auto", *, threads: Optional[int] = None, fp32_exact: bool = True,
-                   spinning: bool = True):
+                   spinning: Optional[bool] = None):
     """An InferenceSession whose provider is checked: ONNX Runtime falls back to CPU silently otherwise.
 
     ``spinning=False`` stops idle intra-op threads from busy-waiting after each run: when ONNX Runtime
@@ -131,6 +132,8 @@ def create_session(path: Path, device: str = "auto", *, threads: Optional[int] =
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
+    if spinning is None:  # follow the process's OpenMP policy (the CLI sets PASSIVE)
+        spinning = os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
@@ -154,7 +157,7 @@ class OrtPredictor(Predictor):
     name = "onnxruntime"
 
     def __init__(self, path: Path, device: str = "auto", *, threads: Optional[int] = None, name: str = "onnx",
-                 spinning: bool = True):
+                 spinning: Optional[bool] = None):
         self.path = Path(path)
         self.name = name
         self.session, self.provider, self.fell_back = create_session(self.path, device, threads=threads,
