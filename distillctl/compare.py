@@ -25,7 +25,7 @@ from typing import Any, Optional
 from .errors import BadInput, Collapsed, Diverged, DistillError, Interrupted
 from .recipe import Recipe, apply_overrides, read_raw, suggest, validate_raw
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .run import Run
+from .run import TEACHER_DIR, Run
 
 JSON_FILE, TABLE_FILE, CHART_FILE = "compare.json", "compare.md", "compare.png"
 
@@ -223,7 +223,7 @@ def compare(recipe_path: str, methods: list[str], overrides: list[str], out_dir:
     with_teacher = [n for n in names if recipes[n][0].teacher is not None]
     teacher_res = None
     if with_teacher and flows.needs_teacher_training(recipes[with_teacher[0]][0]):
-        teacher, teacher_res = flows.train_teacher(out / "teacher", recipes[with_teacher[0]][0], device=device,
+        teacher, teacher_res = flows.train_teacher(out / TEACHER_DIR, recipes[with_teacher[0]][0], device=device,
                                                    progress=progress, label="teacher")
         for n in with_teacher:
             r, dropped = recipes[n]

@@ -773,7 +773,9 @@ def check_model_name(name: str, where: str) -> None:
         return  # resolved on the hub when the model is created (needs network; refused then if offline)
     if name.startswith("local-dir:"):
         folder = Path(name[len("local-dir:"):]).expanduser()
-        if not (folder / "config.json").is_file():
+        from .run import CONFIG_FILE  # the run folder's owner spells the names (imported late: it imports us)
+
+        if not (folder / CONFIG_FILE).is_file():
             raise BadInput(f"{where}.model {short(name)}: no config.json in {short(str(folder))}")
         return
     arch = name.split(".", 1)[0]  # 'resnet50.a1_in1k' -> 'resnet50' (the pretrained tag is timm's)
