@@ -385,3 +385,33 @@ def test_bad_mlflow_uri_is_bad_input(tmp_path):
     cfg = TrackingConfig(backends=["mlflow"], mlflow_uri="nosuchscheme://x")
     with pytest.raises(BadInput, match="tracking.mlflow_uri"):
         Tracker.open(cfg, tmp_path, "r", {})
+
+
+def test_the_trainer_and_export_feed_tensorboard_and_mlflow(tmp_path, teacher_weights):
+    """End to end: `distill` logs every loss term, lr, img/s and validation metric; `export` attaches artifacts."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import run_cli
+
+    run = tmp_path / "run"
+    r = run_cli("distill", str(RECIPES / "ci_smoke.yaml"), "--set", f"teacher.weights={teacher_weights}",
+                "--set", "tracking.backends=[tensorboard,mlflow]", "--set", "train.epochs=2", "--out", str(run),
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("export", str(run), "--format", "safetensors,onnx", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    ea = EventAccumulator(str(run / "tensorboard"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert {"loss", "loss_ce", "loss_kd", "lr", "img_s", "top1", "top5"} <= tags
+    assert [e.step for e in ea.Scalars("top1")] == [8, 16]  # one validation per epoch, at its global step
+    ids = json.loads((run / TRACKING_FILE).read_text())
+    client = MlflowClient(tracking_uri=ids["mlflow_uri"])
+    got = client.get_run(ids["mlflow_run_id"])
+    assert got.data.params["method.name"] == "kd" and got.data.params["train.epochs"] == "2"
+    assert [m.step for m in client.get_metric_history(ids["mlflow_run_id"], "top1")] == [8, 16]
+    arts = {a.path for a in client.list_artifacts(ids["mlflow_run_id"])}
+    assert {"onnx", "safetensors"} <= arts
