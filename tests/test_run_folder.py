@@ -237,3 +237,31 @@ def test_damaged_files_are_exit_2_naming_the_file(finished, tmp_path, rel, comma
     assert Path(rel).name in err, err
     assert "Traceback" not in r.stderr
     assert snapshot(run) == before  # nothing overwritten
+
+
+def test_the_recipe_file_is_read_once_per_command(tmp_path, monkeypatch):
+    import distillctl.recipe as recipe_mod
+
+    reads = []
+    real = recipe_mod.read_raw
+
+    def counting(path):
+        reads.append(Path(path).resolve())
+        return real(path)
+
+    monkeypatch.setattr(recipe_mod, "read_raw", counting)
+    r = run_cli("run", SMOKE, *RUN_TINY, "--set", "bench.iters=3", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert reads == [Path(SMOKE).resolve()]  # teacher, distill, export, bench and card all used it in memory
+
+
+def test_training_and_export_do_not_import_each_other():
+    import subprocess
+    import sys
+
+    code = ("import sys, importlib; importlib.import_module(sys.argv[1]); "
+            "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('distillctl.')}))")
+    for mod, forbidden in (("distillctl.train", "export"), ("distillctl.export.bench", "train"),
+                           ("distillctl.export", "train"), ("distillctl.export.card", "flows")):
+        out = subprocess.run([sys.executable, "-c", code, mod], capture_output=True, text=True, check=True).stdout
+        assert f"'{forbidden}'" not in out, (mod, out)
