@@ -14,8 +14,9 @@ import errno
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import BadInput
 
@@ -86,25 +87,39 @@ def cleanup_temps() -> None:
         discard(tmp)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
+def refused_write(err: BaseException) -> bool:
+    """Whether ``err`` is the file system refusing a write, raised directly or wrapped by a library
+    (torch.save: RuntimeError "... write failed"; safetensors: "I/O error ... (os error N)")."""
+    if isinstance(err, OSError):
+        return err.errno in DISK_ERRORS
+    text = str(err)
+    return isinstance(err, Exception) and ("I/O error" in text or "os error" in text or "write failed" in text)
+
+
+@contextmanager
+def written(final: Path) -> Iterator[Path]:
+    """A temporary path to write ``final`` through: renamed into place when the block succeeds; removed,
+    with a refused write reported as StorageError (exit 2, the final file untouched), when it fails."""
+    tmp = temp_path(final)
     try:
-        tmp = temp_path(path)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        commit(tmp, path)
-    except OSError as err:
-        cleanup_temps_for(path)
-        if err.errno in DISK_ERRORS:
-            raise storage_error(path, err) from None
-        raise
-
-
-def cleanup_temps_for(final: Path) -> None:
-    for tmp in [t for t in PENDING if t.parent == Path(final).parent and t.name.startswith(f".{Path(final).name}.")]:
+        yield tmp
+    except BaseException as err:
         discard(tmp)
+        if refused_write(err):
+            raise storage_error(final, err) from None
+        raise
+    try:
+        commit(tmp, final)
+    except OSError as err:
+        discard(tmp)
+        raise storage_error(final, err) from None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with written(Path(path)) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_text(path: Path, text: str) -> None:

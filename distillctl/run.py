@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from .errors import BadInput
-from .files import (DISK_ERRORS, FILE_MODE, PENDING, atomic_write_bytes, atomic_write_json, atomic_write_text, commit,
-                    discard, read_json_file, storage_error, temp_path)
+from .files import (FILE_MODE, PENDING, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json_file,
+                    storage_error, written)
 from .recipe import Recipe
 
 _HELD: dict[str, list] = {}  # run folders this process holds the lock of: resolved path -> [fd, depth]
@@ -130,20 +130,8 @@ def save_student_folder(folder: Path, model, config: dict) -> Path:
 def save_weights(path: Path, state: dict, metadata: Optional[dict] = None) -> None:
     from safetensors.torch import save_file
 
-    tmp = temp_path(path)
-    try:
+    with written(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
-        commit(tmp, path)
-    except OSError as err:
-        discard(tmp)
-        if err.errno in DISK_ERRORS:
-            raise storage_error(path, err) from None
-        raise
-    except Exception as err:  # safetensors reports a failed write as its own error ("I/O error: ...")
-        discard(tmp)
-        if "I/O error" in str(err) or "os error" in str(err):
-            raise storage_error(path, err) from None
-        raise
 
 
 def load_student_folder(path: Path, device="cpu"):
@@ -581,20 +569,9 @@ class Run:
     def save_checkpoint(self, state: dict) -> None:
         import torch
 
-        final = self.checkpoint_file
         self._checkpoint = None
-        tmp = temp_path(final)
-        try:
+        with written(self.checkpoint_file) as tmp:
             torch.save(state, tmp)
-            commit(tmp, final)
-        except OSError as err:
-            discard(tmp)
-            if err.errno in DISK_ERRORS:
-                raise storage_error(final, err) from None
-            raise
-        except RuntimeError as err:  # torch wraps write failures ("... file write failed")
-            discard(tmp)
-            raise storage_error(final, err) from None
 
     def load_checkpoint(self) -> dict:
         """The trainer state (read once; ``flows.prepare`` reads it before a resume touches the folder)."""
