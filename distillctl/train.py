@@ -109,6 +109,14 @@ def collapse_verdict(student_top1: float, teacher_top1: Optional[float], num_cla
     return None
 
 
+def _learned(history: list[float], checks: "Checks") -> bool:
+    """An earlier epoch reached half of the teacher's margin over chance."""
+    if checks.teacher_top1 is None or not checks.num_classes:
+        return False
+    chance = 1.0 / checks.num_classes
+    return any(h - chance >= 0.5 * (checks.teacher_top1 - chance) for h in history)
+
+
 # ----------------------------------------------------------------------------- one step
 
 
@@ -422,11 +430,10 @@ def fit(method: nn.Module, data, cfg: TrainConfig, *, run, device: torch.device,
                 if best["value"] is None or value > best["value"]:
                     best = {"epoch": epoch + 1, "metric": cfg.best_metric, "value": value}
                     run.save_best(eval_model(), {"epoch": epoch + 1, cfg.best_metric: value})
-                # a student that learned and then fell back to chance is not worth more epochs
+                # a student that clearly learned (half way from chance to the teacher) and then fell back
+                # to chance is not worth more epochs; otherwise the verdict waits for the last epoch
                 verdict = collapse_verdict(val["top1"], checks.teacher_top1, checks.num_classes)
-                if verdict and (epoch + 1 == cfg.epochs or
-                                any(collapse_verdict(h, checks.teacher_top1, checks.num_classes) is None
-                                    for h in history[:-1])):
+                if verdict and (epoch + 1 == cfg.epochs or _learned(history[:-1], checks)):
                     good = collapse_verdict(best["value"], checks.teacher_top1, checks.num_classes) is None \
                         if best["metric"] == "top1" else False
                     where = (f"the last good weights are {run.best_file} (epoch {best['epoch']}, top-1 "

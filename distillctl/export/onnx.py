@@ -316,8 +316,10 @@ def build(job) -> list:
     source = final
     if job.precision == "fp32" or not _fresh(final, run.student_weights, meta["recipe_hash"]):
         dest = staged(final)
+        first = job.recipe.export.onnx_exporter
         info = export_onnx(job.student, dest, image_size=job.input_size, metadata=meta, opset=job.opset,
-                           example_batch=job.batch[1])
+                           example_batch=job.batch[1],
+                           exporters=(first, *[e for e in ("dynamo", "torchscript") if e != first]))
         job.log(f"  onnx: {run.relative(final)} ({info['exporter']} exporter, opset {info['opset']}, "
                 f"{info['bytes'] / 1e6:.1f} MB)")
         out.append(Artifact("onnx", dest, "fp32", OrtPredictor(dest, job.device, name="onnx"),
