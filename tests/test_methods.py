@@ -134,18 +134,99 @@ def test_training_mode_keeps_teacher_in_eval():
     assert not teacher.training
 
 
-def test_dkd_warmup_follows_progress():
+def test_dkd_warmup_steps_once_per_epoch():
+    # progress = epoch_index + step / steps (0-based index); factor min((epoch_index + 1) / warmup, 1)
     method, _, _ = _build("dkd", warmup_epochs=4.0)
     x, y = _batch()
     terms = {}
-    for progress in (0.0, 2.0, 4.0, 9.0):
+    for progress in (0.0, 0.9, 1.0, 3.0, 3.99, 9.0):
         method.progress = progress
         with torch.no_grad():
             _, losses = method(x, x, y)
         terms[progress] = losses["loss_nckd"].item()
-    assert terms[0.0] == 0.0
-    assert terms[2.0] == pytest.approx(terms[4.0] / 2, rel=1e-5)
-    assert terms[9.0] == pytest.approx(terms[4.0], rel=1e-5)
+    full = terms[9.0]
+    assert full > 0
+    assert terms[0.0] == terms[0.9] == pytest.approx(full / 4, rel=1e-5)  # epoch 1: 1/4, all epoch long
+    assert terms[1.0] == pytest.approx(full / 2, rel=1e-5)
+    assert terms[3.0] == terms[3.99] == pytest.approx(full, rel=1e-5)  # epoch 4 of 4: full weight
+    method, _, _ = _build("dkd", warmup_epochs=0.0)
+    assert method.warmup_factor() == 1.0
+
+
+# ----------------------------------------------------------------------------- composition (tas, fitnet)
+# The golden file pins the InfoNCE of tas only and nothing of fitnet: these tests pin how the two methods
+# weight and route their terms, from the method's own forward with the networks stubbed (as test_golden does).
+
+
+def _leaf(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
+
+
+def test_tas_weights_and_routes_every_term():
+    from distillctl.methods.ofa import ofa_loss
+    from distillctl.methods.tas import info_nce
+    from distillctl.models import Outputs
+
+    w = {"w_ce": 0.3, "w_ts": 0.7, "w_ta": 1.9, "w_as": 2.6}
+    method, _, _ = _build("tas", gamma=1.5, temperature=2.0, **w)
+    method.train()
+    b, ds, dt = 4, method.pair.student.dim, method.pair.teacher.dim
+    zs, fs = _leaf(b, NUM_CLASSES, seed=1), _leaf(b, ds, seed=2)
+    zt, ft = torch.randn(b, NUM_CLASSES), torch.randn(b, dt)
+    za, fa = _leaf(b, NUM_CLASSES, seed=3), _leaf(b, dt, seed=4)
+    method.student_forward = lambda xs, indices=None: Outputs(zs, fs, [torch.zeros(b, 1, 1, 1)])
+    method.teacher_forward = lambda xt, indices=None: Outputs(zt, ft, [])
+    method.assistant = lambda s3: (fa, za)
+    x, y = _batch(b)
+    _, losses = method(x, x, y)
+
+    def nce(head, a, c):
+        temp = 1.0 / head.log_inv_temp.exp()
+        return info_nce(head.head_a(a), head.head_b(c), temp)
+
+    ce = torch.nn.functional.cross_entropy(zs, y, label_smoothing=0.1)
+    expected = {
+        "loss_ce": w["w_ce"] * ce,
+        "loss_ts": w["w_ts"] * (nce(method.nce_ts, ft, fs) + ofa_loss(zs, zt, y, 1.5, 2.0)),
+        "loss_ta": w["w_ta"] * (nce(method.nce_ta, ft, fa) + ofa_loss(za, zt, y, 1.5, 2.0)),
+        "loss_as": w["w_as"] * (nce(method.nce_as, fa.detach(), fs) + ofa_loss(zs, za.detach(), y, 1.5, 2.0)),
+    }
+    assert set(losses) == set(expected)
+    for k, v in expected.items():
+        assert losses[k].item() == pytest.approx(v.item(), rel=1e-5), k
+    # the assistant is a constant target in L(a, s): its gradient comes from L(t, a) alone
+    g_total = torch.autograd.grad(sum(losses.values()), [fa, za], retain_graph=True)
+    g_ta = torch.autograd.grad(losses["loss_ta"], [fa, za])
+    assert all(torch.allclose(a, c, atol=1e-7) for a, c in zip(g_total, g_ta))
+
+
+def test_fitnet_weights_the_hint_and_the_ce():
+    from distillctl.models import Outputs
+
+    method, _, _ = _build("fitnet", stage=3, w_fitnet=2.5, w_ce=0.4)
+    cs = method.pair.student.stage_shapes[2][0]
+    ct = method.pair.teacher.stage_shapes[2][0]
+    b, gh = 4, 2
+    zs = _leaf(b, NUM_CLASSES, seed=5)
+    fs = _leaf(b, cs, 2 * gh, 2 * gh, seed=6)  # twice the teacher grid: adaptive pooling = 2x2 means
+    ft = torch.randn(b, ct, gh, gh)
+    method.student_forward = lambda xs, indices=None: Outputs(zs, None, [fs])
+    method.teacher_forward = lambda xt, indices=None: Outputs(torch.zeros(b, NUM_CLASSES), None, [ft])
+    x, y = _batch(b)
+    _, losses = method(x, x, y)
+    # by hand: 2x2 means, the regressor per grid cell, squared error averaged over cells and channels
+    pooled = fs.detach().reshape(b, cs, gh, 2, gh, 2).mean(dim=(3, 5))  # [B, Cs, gh, gh]
+    wgt, bias = method.regressor.weight.detach(), method.regressor.bias.detach()
+    err = 0.0
+    for i in range(b):
+        for r in range(gh):
+            for c in range(gh):
+                err += ((wgt @ pooled[i, :, r, c] + bias - ft[i, :, r, c]) ** 2).sum().item()
+    mse = err / (b * gh * gh * ct)
+    ce = torch.nn.functional.cross_entropy(zs.detach(), y, label_smoothing=0.1).item()
+    assert set(losses) == {"loss_ce", "loss_fitnet"}
+    assert losses["loss_fitnet"].item() == pytest.approx(2.5 * mse, rel=1e-5)
+    assert losses["loss_ce"].item() == pytest.approx(0.4 * ce, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- TAS
