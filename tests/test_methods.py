@@ -6,6 +6,7 @@ at 32 px (its stage 4 is 1x1, the case the stage projectors must survive).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,73 @@ def test_exported_student_is_strict_loadable(name):
         assert torch.allclose(fresh(x), method.student(x), atol=1e-6)
     # training-only modules are everything but the student
     assert "student" not in method.training_modules()
+
+
+def _fan_out(w: torch.Tensor) -> int:
+    return w.shape[0] * w[0][0].numel()  # out_channels * kernel area (torch's convention, groups ignored)
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_reference_init_of_training_modules(name):
+    """Conv kaiming-normal fan_out, Linear trunc-normal 0.02, zero biases, norms 1/0; student and teacher untouched."""
+    teacher = None
+    if registry.get(name).needs_teacher:
+        torch.manual_seed(1)
+        teacher = _teacher()
+    t_before = {k: v.clone() for k, v in teacher.state_dict().items()} if teacher is not None else {}
+    method, student, _ = _build(name, teacher=teacher)
+    torch.manual_seed(0)
+    fresh = timm.create_model(STUDENT, num_classes=NUM_CLASSES)  # what _build created, before the method saw it
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(student.state_dict()[k], v), f"{name}: student {k} was re-initialised"
+    for k, v in t_before.items():
+        assert torch.equal(teacher.state_dict()[k], v), f"{name}: teacher {k} was re-initialised"
+
+    conv_z, lin_w, biases, norms = [], [], [], []
+    for module in method.training_modules().values():
+        for m in module.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                conv_z.append(m.weight.detach().flatten() / (2.0 / _fan_out(m.weight)) ** 0.5)
+            elif isinstance(m, torch.nn.Linear):
+                lin_w.append(m.weight.detach().flatten())
+            elif isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
+                norms.append((m.weight.detach(), m.bias.detach()))
+                continue
+            else:
+                continue
+            if m.bias is not None:
+                biases.append(m.bias.detach())
+    if name in ("ce", "kd", "dkd", "dist"):
+        assert not method.training_modules() and not conv_z and not lin_w
+        return
+    assert lin_w, f"{name}: expected Linear layers among its training-only modules"
+    w = torch.cat(lin_w)
+    assert w.std().item() == pytest.approx(0.02, rel=0.05), f"{name}: Linear std {w.std().item():.4f}"
+    assert abs(w.mean().item()) < 1e-3 and w.abs().max().item() <= 2.0
+    if conv_z:  # kaiming-normal fan_out: weight / sqrt(2 / fan_out) is standard normal
+        z = torch.cat(conv_z)
+        assert z.std().item() == pytest.approx(1.0, rel=0.05), f"{name}: conv std ratio {z.std().item():.3f}"
+        assert abs(z.mean().item()) < 0.05
+    assert all(torch.count_nonzero(b) == 0 for b in biases), f"{name}: a training-only bias is not zero"
+    for weight, bias in norms:
+        assert torch.all(weight == 1) and torch.all(bias == 0)
+    if name in ("ofa", "hcd", "mldr"):
+        assert conv_z and norms  # the CNN stage projectors
+    if name == "tas":  # the learnable InfoNCE temperature keeps its configured start
+        for head in (method.nce_ts, method.nce_ta, method.nce_as):
+            assert head.log_inv_temp.item() == pytest.approx(math.log(1 / 0.07), rel=1e-6)
+
+
+def test_reference_init_skips_borrowed_modules():
+    from distillctl.methods.heads import init_training_module
+
+    torch.manual_seed(0)
+    borrowed = torch.nn.Linear(8, 8)  # e.g. a teacher block a method runs inside its own module
+    own = torch.nn.Linear(8, 8)
+    before = borrowed.weight.clone(), borrowed.bias.clone()
+    init_training_module(torch.nn.Sequential(own, borrowed), keep={id(p) for p in borrowed.parameters()})
+    assert torch.equal(borrowed.weight, before[0]) and torch.equal(borrowed.bias, before[1])
+    assert torch.count_nonzero(own.bias) == 0
 
 
 def test_training_mode_keeps_teacher_in_eval():
