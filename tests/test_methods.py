@@ -221,6 +221,83 @@ def test_dkd_warmup_steps_once_per_epoch():
     assert method.warmup_factor() == 1.0
 
 
+# ----------------------------------------------------------------------------- stage 4
+
+
+def _captured(model, module, x):
+    """Output of ``module`` during one forward of ``model`` (a forward hook, in a test only)."""
+    got = []
+    handle = module.register_forward_hook(lambda m, i, o: got.append(o))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return got[0]
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_stage4_of_mobilenetv2_is_after_conv_head_and_bn2(size):
+    from distillctl.models import PRE_POOL, forward_all
+
+    torch.manual_seed(0)
+    m = timm.create_model("mobilenetv2_100", num_classes=NUM_CLASSES).eval()
+    shapes = probe(m, size)
+    g = size // 32
+    assert shapes.stage_shapes == [(24, 8 * g, 8 * g), (32, 4 * g, 4 * g), (96, 2 * g, 2 * g), (1280, g, g)]
+    assert shapes.stage_indices[3] == PRE_POOL  # not feature_info's blocks.6 (320 channels)
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        out = forward_all(m, x, shapes.stage_indices)
+    assert torch.equal(out.feats[3], _captured(m, m.bn2, x))  # conv_head -> bn2 (+ its activation)
+    assert torch.equal(out.feats[2], _captured(m, m.blocks[4], x))
+    assert torch.allclose(out.logits, m(x), atol=1e-6)
+
+
+def test_stage4_of_resnet18_is_layer4():
+    from distillctl.models import forward_all
+
+    torch.manual_seed(0)
+    m = timm.create_model("resnet18", num_classes=NUM_CLASSES).eval()
+    shapes = probe(m, SIZE)
+    assert shapes.stage_shapes == [(64, 8, 8), (128, 4, 4), (256, 2, 2), (512, 1, 1)]
+    x = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        out = forward_all(m, x, shapes.stage_indices)
+    for f, layer in zip(out.feats, (m.layer1, m.layer2, m.layer3, m.layer4)):
+        assert torch.equal(f, _captured(m, layer, x))
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("test_vit", {"img_size": SIZE}),
+    ("swin_tiny_patch4_window7_224", {"img_size": SIZE, "window_size": 2, "embed_dim": 16, "depths": (1, 1, 1, 1),
+                                      "num_heads": (1, 1, 1, 1)}),
+])
+def test_token_models_keep_their_feature_info_stages(name, kw):
+    from distillctl.models import stage_indices
+
+    m = timm.create_model(name, num_classes=NUM_CLASSES, **kw)
+    shapes = probe(m, SIZE)
+    assert shapes.kind == "token" and shapes.stage_indices == stage_indices(m)
+    assert all(isinstance(i, int) for i in shapes.stage_indices)
+
+
+@pytest.mark.parametrize("name", ["ofa", "hcd", "mldr", "fitnet", "tas"])
+def test_feature_methods_step_with_mobilenetv2_student(name):
+    params = {"stage": 4} if name == "fitnet" else {}
+    student = timm.create_model("mobilenetv2_100", num_classes=NUM_CLASSES)
+    method, student, teacher = _build(name, student=student, **params)
+    assert method.pair.student.stage_shapes[3] == (1280, 1, 1)
+    method.train()
+    x, y = _batch()
+    zs, losses = method(x, x, y)
+    assert set(losses) == LOSS_KEYS[name] and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert student.conv_head.weight.grad.abs().sum() > 0
+    assert student.conv_stem.weight.grad.abs().sum() > 0
+    before = student.conv_stem.weight.detach().clone()
+    torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1).step()
+    assert not torch.equal(before, student.conv_stem.weight)
+
+
 # ----------------------------------------------------------------------------- composition (tas, fitnet)
 # The golden file pins the InfoNCE of tas only and nothing of fitnet: these tests pin how the two methods
 # weight and route their terms, from the method's own forward with the networks stubbed (as test_golden does).
