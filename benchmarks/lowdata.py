@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -75,6 +76,7 @@ def main(argv=None) -> dict:
     os.environ.setdefault("DISTILLCTL_RUNS", str(out))
     import torch
 
+    from distillctl.errors import BadInput, DistillError, Interrupted
     from distillctl.methods import registry
     from distillctl.pipeline import distill_run, teacher_recipe, train_run
     from distillctl.recipe import apply_overrides, validate_raw
@@ -115,7 +117,8 @@ def main(argv=None) -> dict:
     t_secs = time.perf_counter() - t_start
 
     # 2. students: identical recipe but for the method; paired seeds across methods
-    rows: dict[str, list[float]] = {m: [] for m in methods}
+    rows: dict[str, list[Optional[float]]] = {m: [] for m in methods}  # None: the run failed (see states)
+    states: dict[str, list[str]] = {m: [] for m in methods}
     secs: dict[str, list[float]] = {m: [] for m in methods}
     for seed in range(a.seeds):
         for spec in methods:
@@ -135,11 +138,19 @@ def main(argv=None) -> dict:
                 shutil.rmtree(run_dir)
             t0 = time.perf_counter()
             fn = distill_run if registry.get(name).needs_teacher else _supervised(train_run)
-            res = fn(recipe, run_dir, device=a.device)
+            try:
+                res = fn(recipe, run_dir, device=a.device)
+                top1, status = res["metrics"]["student_top1"], "ok"
+            except (BadInput, Interrupted):
+                raise
+            except DistillError as err:  # a diverged (or collapsed) run is a result, not a crash
+                top1, status = None, type(err).__name__
+                print(f"[lowdata] seed {seed} {spec}: {status}: {err.message}", file=sys.stderr, flush=True)
             secs[spec].append(time.perf_counter() - t0)
-            rows[spec].append(res["metrics"]["student_top1"])
-            print(f"[lowdata] seed {seed} {spec:<6} top1={rows[spec][-1]:.4f} ({secs[spec][-1]:.0f}s)",
-                  file=sys.stderr, flush=True)
+            rows[spec].append(top1)
+            states[spec].append(status)
+            shown = f"{top1:.4f}" if top1 is not None else status
+            print(f"[lowdata] seed {seed} {spec:<6} top1={shown} ({secs[spec][-1]:.0f}s)", file=sys.stderr, flush=True)
 
     result = {
         "setting": {"dataset": "digits", "per_class": a.per_class, "seeds": a.seeds,
@@ -148,22 +159,30 @@ def main(argv=None) -> dict:
                     "epochs": recipe.train.epochs,
                     "overrides": a.overrides, "teacher_overrides": a.teacher_overrides},
         "teacher_top1": teacher_top1,
-        "methods": {m: {"top1": v, "mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
-                        "mean_s": statistics.mean(secs[m])} for m, v in rows.items()},
+        "methods": {m: {"top1": v, "status": states[m], **_mean_std([x for x in v if x is not None]),
+                        "failed": sum(x is None for x in v), "mean_s": statistics.mean(secs[m])}
+                    for m, v in rows.items()},
         "total_s": time.perf_counter() - t_start,
         "teacher_s": t_secs,
     }
     if "ce" in rows:
-        for m, v in rows.items():
-            d = [x - c for x, c in zip(v, rows["ce"])]
-            result["methods"][m]["vs_ce_mean"] = statistics.mean(d)
-            result["methods"][m]["vs_ce_std"] = statistics.stdev(d) if len(d) > 1 else 0.0
+        for m, v in rows.items():  # paired: only the seeds where both runs finished
+            d = [x - c for x, c in zip(v, rows["ce"]) if x is not None and c is not None]
+            if d:
+                st = _mean_std(d)
+                result["methods"][m]["vs_ce_mean"], result["methods"][m]["vs_ce_std"] = st["mean"], st["std"]
     (out / "results.json").write_text(json.dumps(result, indent=2))
     if a.json:
         print(json.dumps(result, indent=2))
     else:
         print_table(result)
     return result
+
+
+def _mean_std(v: list[float]) -> dict:
+    if not v:
+        return {"mean": None, "std": None}
+    return {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
 
 
 def _applies(override: str, method: str) -> bool:
@@ -196,8 +215,10 @@ def print_table(res: dict) -> None:
     print(f"{'method':<{w}} {'top1 mean':>10} {'std':>7} {'vs ce (paired)':>16} {'s/run':>6}  per seed")
     for m, v in res["methods"].items():
         d = f"{100 * v['vs_ce_mean']:+.2f} ± {100 * v['vs_ce_std']:.2f}" if "vs_ce_mean" in v else "-"
-        per = " ".join(f"{100 * x:.1f}" for x in v["top1"])
-        print(f"{m:<{w}} {100 * v['mean']:>9.2f}% {100 * v['std']:>6.2f} {d:>16} {v['mean_s']:>6.0f}  {per}")
+        per = " ".join(f"{100 * x:.1f}" if x is not None else st for x, st in zip(v["top1"], v["status"]))
+        mean = f"{100 * v['mean']:>9.2f}% {100 * v['std']:>6.2f}" if v["mean"] is not None else f"{'-':>10} {'-':>6}"
+        failed = f"  ({v['failed']} failed, not in the mean)" if v["failed"] else ""
+        print(f"{m:<{w}} {mean} {d:>16} {v['mean_s']:>6.0f}  {per}{failed}")
 
 
 if __name__ == "__main__":
