@@ -74,8 +74,8 @@ def leaf(v) -> torch.Tensor:
     return tensor(v).requires_grad_(True)
 
 
-def build(case: dict, name: str | None = None):
-    """The case's method (or ``name``) with its config on a tiny real pair of the case's class count."""
+def build(case: dict, name: str | None = None, config: dict | None = None):
+    """The case's method (or ``name``) with its config (or ``config``) on a tiny real pair of its class count."""
     name = name or case["method"]
     num_classes = case["shapes"]["student_logits"][1]
     torch.manual_seed(0)
@@ -84,7 +84,8 @@ def build(case: dict, name: str | None = None):
     teacher = timm.create_model("test_vit", num_classes=num_classes, img_size=SIZE) if cls.needs_teacher else None
     pair = PairInfo(num_classes, probe(student, SIZE), probe(teacher, SIZE) if teacher is not None else None,
                     label_smoothing=case["label_smoothing"])
-    config = case["config"] if name == case["method"] else {}
+    if config is None:
+        config = case["config"] if name == case["method"] else {}
     return build_method(name, student, teacher, cls.Config(**config), pair)
 
 
@@ -156,6 +157,57 @@ def test_method_forward_matches_reference(case):
     assert set(expected["grad"]) == set(leaves)
     for key, value in expected["grad"].items():
         assert_close(leaves[key].grad, value, f"d total / d {key}")
+
+
+def run_case(case: dict, config: dict) -> dict[str, float]:
+    """The method's loss terms on the case's inputs, built with ``config`` instead of the case's own."""
+    method = build(case, config=config)
+    method.progress = 1000.0
+    leaves = stub_networks(method, case)
+    batch = leaves["student_logits"].shape[0]
+    y = torch.tensor(case["inputs"]["labels"], dtype=torch.int64)
+    x = torch.zeros(batch, 3, SIZE, SIZE)
+    with torch.no_grad():
+        _, losses = method(x, x, y)
+    return {k: float(v) for k, v in losses.items()}
+
+
+# Every weight factor of a composed loss and the terms it multiplies (methods.md). Many golden cases use a
+# weight of 1, where deleting that factor changes nothing; linearity in each weight pins it from the same
+# reference values: term(s * w) = term(0) + s * (golden - term(0)), a zero weight removes a whole-term
+# factor's term, and every other term is untouched.
+WEIGHTS = {
+    "kd": {"w_ce": ["loss_ce"], "w_kd": ["loss_kd"]},
+    "dkd": {"w_ce": ["loss_ce"], "alpha": ["loss_tckd"], "beta": ["loss_nckd"]},
+    "dist": {"w_ce": ["loss_ce"], "w_kd": ["loss_inter", "loss_intra"], "beta": ["loss_inter"],
+             "gamma": ["loss_intra"]},
+    "ofa": {"w_ce": ["loss_ce"], "w_kd": ["loss_kd"], "w_ofa": ["loss_ofa"]},
+    "hcd": {"w_kd": ["loss_kd"], "w_sdd": ["loss_sdd"], "w_ol": ["loss_ol"]},
+    "mldr": {"w_ce": ["loss_ce"], "w_logit": ["loss_dfra"], "w_stage": ["loss_stage"], "w_fused": ["loss_fused"],
+             "w_class": ["loss_dfra", "loss_stage", "loss_fused"], "w_sample": ["loss_dfra", "loss_stage", "loss_fused"],
+             "alpha": ["loss_dfra", "loss_stage", "loss_fused"]},
+}
+WHOLE_TERM = {"w_ce", "w_kd", "w_ofa", "w_sdd", "w_ol", "w_logit", "w_stage", "w_fused"}
+WEIGHT_CASES = [(c, k) for m in WEIGHTS for c in [next(c for c in CASES if c["method"] == m)] for k in WEIGHTS[m]]
+
+
+@pytest.mark.parametrize("case, key", WEIGHT_CASES, ids=[f"{c['id']}-{k}" for c, k in WEIGHT_CASES])
+def test_each_weight_scales_its_terms(case, key):
+    golden = case["expected"]["terms"]
+    w = case["config"][key]
+    at_zero = run_case(case, {**case["config"], key: 0.0})
+    scaled = run_case(case, {**case["config"], key: 2.5 * w})
+    for term, value in golden.items():
+        if term not in WEIGHTS[case["method"]][key]:  # a weight never leaks into another term
+            assert scaled[term] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, term)
+            assert at_zero[term] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, term)
+            continue
+        if key in WHOLE_TERM:
+            assert at_zero[term] == 0.0, (key, term)
+        # the weight has an effect the size of its share of the reference value, and acts linearly
+        assert abs(value - at_zero[term]) > 1e-4 * max(1.0, abs(value)), (key, term)
+        assert scaled[term] == pytest.approx(at_zero[term] + 2.5 * (value - at_zero[term]), rel=1e-5, abs=1e-6), \
+            (key, term)
 
 
 TAS_CASES = [c for c in CASES if c["method"] == "tas"]
