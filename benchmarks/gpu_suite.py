@@ -169,7 +169,6 @@ def time_method(name, s, dev, teacher, *, compile_step=False, precision="bf16", 
 
 def data_path(s, dev, teacher, precision):
     """kd fed by the real on-device augmentation vs one pre-made batch."""
-    import torch
 
     from distillctl.data import TensorBatches, synthetic_tensors
     from distillctl.recipe import AugmentConfig

@@ -6,6 +6,10 @@ from per-architecture tables. "Stage i" (1..4) is chosen from ``feature_info``:
   feature of each of the last four resolutions (the stride-2 stem is never a stage);
 - isotropic models (ViT, Mixer: one feature per block, one resolution): four evenly spaced
   blocks ending at the last one.
+Stage 4 of a CNN is then its own pre-pool feature map (``forward_features``) whenever that map
+has the last stage's resolution: where the reference code takes it. For ResNets that is
+``layer4`` itself; for MobileNetV2/EfficientNet it is after ``conv_head`` + ``bn2`` (1280 channels
+for MobileNetV2) instead of timm's last ``feature_info`` entry (``blocks.6``, 320).
 """
 from __future__ import annotations
 
@@ -196,6 +200,10 @@ def stage_indices(model: nn.Module) -> list[int]:
     return [max(0, round(n * k / 4) - 1) for k in range(1, 5)]
 
 
+# A stage index meaning "the model's pre-pool feature map" (the forward_features output), not a feature_info entry.
+PRE_POOL = "pre_pool"
+
+
 @dataclass
 class Outputs:
     logits: torch.Tensor  # [B, C]
@@ -207,16 +215,24 @@ def classify(model: nn.Module, pre: torch.Tensor) -> torch.Tensor:
     return model.get_classifier()(pre)
 
 
-def forward_all(model: nn.Module, x: torch.Tensor, indices: Optional[Sequence[int]] = None,
+def forward_all(model: nn.Module, x: torch.Tensor, indices: Optional[Sequence[int | str]] = None,
                 pre_logits: bool = True) -> Outputs:
-    """One forward giving logits, the pre-logits feature and (optionally) stage maps."""
+    """One forward giving logits, the pre-logits feature and (optionally) stage maps.
+
+    ``indices`` are feature_info indices, or ``PRE_POOL`` for the pre-pool feature map.
+    """
+    feats = []
     if indices:
-        uniq = sorted(set(indices))
-        final, inter = model.forward_intermediates(x, indices=uniq, output_fmt="NCHW", intermediates_only=False)
-        by_idx = dict(zip(uniq, inter))
+        uniq = sorted({i for i in indices if i != PRE_POOL})
+        if uniq:
+            final, inter = model.forward_intermediates(x, indices=uniq, output_fmt="NCHW", intermediates_only=False)
+            by_idx = dict(zip(uniq, inter))
+        else:
+            final, by_idx = model.forward_features(x), {}
+        by_idx[PRE_POOL] = final
         feats = [by_idx[i] for i in indices]
     else:
-        final, feats = model.forward_features(x), []
+        final = model.forward_features(x)
     pre = model.forward_head(final, pre_logits=True)
     logits = classify(model, pre)
     return Outputs(logits, pre if pre_logits else None, feats)
@@ -225,7 +241,7 @@ def forward_all(model: nn.Module, x: torch.Tensor, indices: Optional[Sequence[in
 @dataclass
 class ModelShapes:
     kind: str
-    stage_indices: list[int]
+    stage_indices: list[int | str]  # feature_info indices, or PRE_POOL
     stage_shapes: list[tuple[int, int, int]]  # (C, H, W) per stage at this input size
     dim: int  # pre-logits width
     num_classes: int
@@ -239,11 +255,18 @@ def probe(model: nn.Module, image_size: int, with_stages: bool = True) -> ModelS
     model.eval()
     dev = next(model.parameters()).device
     x = torch.zeros(2, 3, image_size, image_size, device=dev)
+    kind = model_kind(model)
     idx = stage_indices(model) if with_stages else []
-    out = forward_all(model, x, idx)
+    out = forward_all(model, x, idx + [PRE_POOL] if idx else idx)
+    shapes = [tuple(f.shape[1:]) for f in out.feats]
+    if idx:
+        pre = shapes.pop()
+        # a CNN's pre-pool map at the last stage's resolution is its stage 4 (module docstring); token
+        # models (tokens, or NHWC for Swin) keep their last feature_info stage
+        if kind == "cnn" and len(pre) == 3 and pre[1:] == shapes[-1][1:]:
+            idx[-1], shapes[-1] = PRE_POOL, pre
     model.train(was)
-    return ModelShapes(model_kind(model), idx, [tuple(f.shape[1:]) for f in out.feats],
-                       out.pre_logits.shape[-1], out.logits.shape[-1], image_size)
+    return ModelShapes(kind, idx, shapes, out.pre_logits.shape[-1], out.logits.shape[-1], image_size)
 
 
 def count_params(module: nn.Module) -> int:

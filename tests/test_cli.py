@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RECIPES, cli, run_cli
+from conftest import RECIPES, run_cli
 
 SMOKE = str(RECIPES / "ci_smoke.yaml")
 

@@ -16,7 +16,7 @@ from distillctl.errors import BadInput
 from distillctl.methods import build_method, registry
 from distillctl.methods.base import PairInfo, kl_div
 from distillctl.methods.hcd import HCD, HCDConfig, orthogonality_loss
-from distillctl.models import count_params, probe
+from distillctl.models import PRE_POOL, count_params, probe
 
 timm = import_timm()
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,7 +275,9 @@ def reference_losses(m, xs, y, ls):
         t_out = m.teacher(xs)
         t_pre = m.teacher.forward_head(m.teacher.forward_features(xs), pre_logits=True)
         idx = [m.pair.student.stage_indices[s - 1] for s in cfg.stages]
-        final, feats = m.student.forward_intermediates(xs, indices=idx, output_fmt="NCHW")
+        info_idx = [i for i in idx if i != PRE_POOL]  # stage 4 of a CNN is its pre-pool map (ResNet: layer4)
+        final, inter = m.student.forward_intermediates(xs, indices=info_idx, output_fmt="NCHW")
+        feats = [final if i == PRE_POOL else inter[info_idx.index(i)] for i in idx]
         zs = m.student.forward_head(final)
         n, t = cfg.num_sub_logits, cfg.temperature
         ce, sdd, ol = [], [], []

@@ -187,3 +187,25 @@ def test_plain_progress_lines_when_not_on_a_terminal(tmp_path, caplog):
     steps = [m for m in lines if m.startswith("distill 2/2 | step")]
     assert len(steps) == 3 and "ETA" in steps[0] and "img/s" in steps[0]  # every logged step (log_every 2 of 6)
     assert any(m.startswith("distill 2/2: epoch 1/1") and "top1=" in m for m in lines)
+
+
+def test_optimizer_groups_follow_timm_no_weight_decay():
+    """timm's factory: a ViT student's cls_token/pos_embed, biases and norms take no weight decay."""
+    from distillctl.compat import import_timm
+    from distillctl.methods import build_method, registry
+    from distillctl.models import probe
+    from distillctl.train import build_optimizer
+
+    timm = import_timm()
+    torch.manual_seed(0)
+    student = timm.create_model("test_vit", num_classes=10, img_size=32)
+    method = build_method("ce", student, None, registry.get("ce").Config(), PairInfo(10, probe(student, 32), None))
+    opt = build_optimizer(method, TrainConfig(weight_decay=0.05, nesterov=True))
+    names = {id(p): n for n, p in method.named_parameters()}
+    decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    free = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert {"student.cls_token", "student.pos_embed"} <= free
+    assert all(n.endswith(".weight") for n in decay) and "student.head.weight" in decay
+    assert not any(n.endswith(".bias") or ".norm" in n for n in decay)
+    assert decay | free == set(names.values())
+    assert opt.defaults.get("nesterov") is True and isinstance(opt, torch.optim.SGD)

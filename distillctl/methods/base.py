@@ -4,7 +4,8 @@ A method owns three kinds of module:
 - ``student``: the shipped network (a plain timm model, never modified or wrapped);
 - ``teacher``: frozen, always in eval mode, held outside the module tree so it is never
   saved, never counted as a parameter and never wrapped by DDP;
-- everything else registered on the method (projectors, heads, mappers): training-only.
+- everything else registered on the method (projectors, heads, mappers): training-only, given the
+  authors' reference initialisation once the method is built (``init_training_modules``).
 
 ``forward(xs, xt, y)`` returns the student logits and a dict of already weighted losses
 keyed ``loss_<term>``; the trainer sums the dict and logs each key (the mdistiller shape).
@@ -21,6 +22,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from ..errors import BadInput
 from ..models import ModelShapes, Outputs, forward_all
+from .heads import init_training_module
 
 
 def _check_stages(v: list[int]) -> list[int]:
@@ -54,7 +56,16 @@ class PairInfo:
     epochs: int = 1
 
 
-class Distiller(nn.Module):
+class _InitAfterBuild(type):
+    """Metaclass hook: once a method's whole constructor chain has run, initialise its training-only modules."""
+
+    def __call__(cls, *args, **kwargs):
+        method = super().__call__(*args, **kwargs)
+        method.init_training_modules()
+        return method
+
+
+class Distiller(nn.Module, metaclass=_InitAfterBuild):
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
@@ -95,6 +106,29 @@ class Distiller(nn.Module):
     def training_modules(self) -> dict[str, nn.Module]:
         """Modules that exist only for training (everything but the student)."""
         return {n: m for n, m in self.named_children() if n != "student"}
+
+    def init_training_modules(self) -> None:
+        """The reference initialisation for every training-only module, in one place (called after construction).
+
+        The student and the teacher keep timm's init; modules a method borrows from them (TAS runs
+        the teacher's last stage) are skipped by parameter identity.
+        """
+        keep = {id(p) for p in self.student.parameters()}
+        if self.teacher is not None:
+            keep |= {id(p) for p in self.teacher.parameters()}
+        for module in self.training_modules().values():
+            init_training_module(module, keep)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (within the method) that take no weight decay: whatever the student and each
+        training-only module list in their own ``no_weight_decay()`` (a ViT's ``cls_token``, ``pos_embed``).
+        timm's optimizer factory reads this and also exempts every bias and norm."""
+        out: set[str] = set()
+        for prefix, module in [("student", self.student), *self.training_modules().items()]:
+            fn = getattr(module, "no_weight_decay", None)
+            if callable(fn):
+                out |= {f"{prefix}.{name}" for name in fn()}
+        return out
 
     def train(self, mode: bool = True):
         super().train(mode)

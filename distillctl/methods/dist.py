@@ -18,8 +18,14 @@ from .registry import register
 
 
 def pearson(u: torch.Tensor, v: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
-    """Pearson correlation along ``dim``: cosine of the mean-centred vectors."""
-    return F.cosine_similarity(u - u.mean(dim, keepdim=True), v - v.mean(dim, keepdim=True), dim=dim, eps=eps)
+    """Pearson correlation along ``dim``: ``<u', v'> / (|u'| |v'| + eps)`` with ``u' = u - mean u``.
+
+    The authors' denominator (eps added to the product of the norms), not torch's
+    ``cosine_similarity``, which clamps each norm separately: the two differ measurably when a
+    class column's centred probabilities are tiny (the intra-class relation at T = 1).
+    """
+    u, v = u - u.mean(dim, keepdim=True), v - v.mean(dim, keepdim=True)
+    return (u * v).sum(dim) / (u.norm(dim=dim) * v.norm(dim=dim) + eps)
 
 
 def dist_terms(zs: torch.Tensor, zt: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

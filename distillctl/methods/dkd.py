@@ -4,10 +4,12 @@ Classical KD couples two kinds of knowledge. DKD splits the KL into a target-cla
 the binary distribution "target vs everything else") and a non-target part (NCKD: the
 distribution among the non-target classes, renormalised) and weights them independently, so
 the dark knowledge in the non-target classes (beta, large) is not suppressed when the teacher is
-confident. The distillation weight ramps up linearly over the first ``warmup_epochs`` epochs of
-training progress.
+confident. The distillation weight ramps up linearly over the first ``warmup_epochs`` epochs,
+one step per epoch as in the authors' code.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +49,7 @@ class DKDConfig(MethodConfig):
     beta: float = Field(8.0, ge=0, description="weight of NCKD (among non-target classes)")
     temperature: float = Field(4.0, gt=0)
     w_ce: float = Field(1.0, ge=0)
-    warmup_epochs: float = Field(20.0, ge=0, description="epochs of progress over which the KD weight ramps 0 -> 1")
+    warmup_epochs: float = Field(20.0, ge=0, description="KD weight factor min(epoch / warmup, 1), 1-based epochs")
 
 
 @register
@@ -57,8 +59,13 @@ class DKD(Distiller):
     Config = DKDConfig
 
     def warmup_factor(self) -> float:
+        """``min(epoch / warmup_epochs, 1)`` with the 1-based epoch, constant within an epoch (authors' code).
+
+        ``progress`` is the trainer's ``epoch_index + step / steps`` (0-based epoch index), so the
+        1-based epoch is ``floor(progress) + 1``: the first epoch already distils at 1 / warmup.
+        """
         w = self.cfg.warmup_epochs
-        return 1.0 if w <= 0 else min(self.progress / w, 1.0)
+        return 1.0 if w <= 0 else min((math.floor(self.progress) + 1) / w, 1.0)
 
     def forward(self, xs, xt, y):
         cfg = self.cfg

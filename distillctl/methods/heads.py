@@ -6,10 +6,39 @@ are resolution-agnostic: they work at 32 px (where ResNet18's stage 4 is 1x1) an
 """
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 import torch.nn as nn
 
 from ..models import ModelShapes
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+@torch.no_grad()
+def init_training_module(module: nn.Module, keep: Collection[int] = ()) -> None:
+    """Reference initialisation of a training-only module, in place (methods.md, "Initialisation").
+
+    As the OFA-KD, MLDR-KD and HCD reference code do: convolutions kaiming-normal (fan_out, ReLU),
+    Linear layers truncated normal std 0.02 (bounds +-2, timm's ``trunc_normal_`` default), their
+    biases zero; norms weight 1, bias 0. Other parameters (a learnable temperature) keep their value.
+    A sub-module that owns a parameter whose ``id`` is in ``keep`` (the student's or the teacher's,
+    when a method reuses them) is left alone.
+    """
+    for m in module.modules():
+        if any(id(p) in keep for p in m.parameters(recurse=False)):
+            continue
+        if isinstance(m, nn.modules.conv._ConvNd):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+        elif isinstance(m, _NORMS) and m.weight is not None:
+            nn.init.ones_(m.weight)
+        else:
+            continue
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
 
 
 class SepDown(nn.Module):
