@@ -240,9 +240,26 @@ def main():
     # machine shared with another busy process made every small op wait (benchmarks/threads.py: a
     # training step 9x slower; passive waits: 1.1x). An explicit OMP_WAIT_POLICY is left alone.
     import os
+    import sys
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:  # Ctrl-C while the parser was prompting
+        code = 130
+    except Exception as err:
+        # Click's usage errors (typer vendors Click, so matched by what they offer, not by class)
+        if not (callable(getattr(err, "show", None)) and callable(getattr(err, "format_message", None))):
+            raise
+        err.show()
+        code = int(getattr(err, "exit_code", 2))
+        if code and "--json" in sys.argv[1:]:  # still exactly one JSON document on stdout
+            import json
+
+            command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+            sys.stdout.write(json.dumps({"command": command, "status": "error", "exit_code": code,
+                                         "error": err.format_message()}) + "\n")
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

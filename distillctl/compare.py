@@ -82,7 +82,8 @@ def method_recipes(raw: dict, methods: list[str], overrides: list[str]) -> dict[
 
 
 def _step_ms(run: Run, batch_size: int) -> Optional[float]:
-    """Median training step time from the run's logged throughput (the first interval, warm-up, skipped)."""
+    """Median optimizer-step time from the run's logged throughput (the first interval, warm-up, skipped);
+    ``batch_size`` is the images per step (data.batch_size x train.accumulate)."""
     rates = [r["img_s"] for r in run.metrics_rows() if r.get("img_s")]
     if len(rates) > 1:
         rates = rates[1:]
@@ -101,7 +102,7 @@ def _row(name: str, recipe: Recipe, dropped: list[str], res: dict, run: Run) -> 
         "top5": m.get("student_top5"),
         "teacher_top1": m.get("teacher_top1"),
         "train_s": timings.get("train_s"),
-        "step_ms": _step_ms(run, recipe.data.batch_size),
+        "step_ms": _step_ms(run, recipe.data.batch_size * recipe.train.accumulate),
         "extra_train_params": res.get("extra_train_params"),
         "run_dir": res.get("run_dir"),
         "recipe_hash": recipe.hash(),
@@ -199,7 +200,8 @@ def compare(recipe_path: str, methods: list[str], overrides: list[str], out_dir:
     kept for the methods that have them). Returns a dict with ``rows`` (one per method: ``top1``,
     ``top5``, ``train_s``, ``step_ms``, ``extra_train_params``, ...), ``table`` (markdown), the
     ``run_dir`` and the ``artifacts`` (json, table, chart). A method that fails is reported in its
-    row and the others still run; if every method fails the first error is raised.
+    row and the others still run; after the table is written, a failed row is the command's exit code
+    (6 when a student collapsed or diverged, else the first failed row's code).
     """
     from . import flows
     from .run import runs_dir, safe_name
@@ -279,8 +281,13 @@ def compare(recipe_path: str, methods: list[str], overrides: list[str], out_dir:
     atomic_write_text(out / TABLE_FILE, f"# {title}\n\n{table}\n")
     atomic_write_bytes(out / CHART_FILE, render_chart(rows, title, num_classes))
     atomic_write_json(out / JSON_FILE, doc)
-    broken = [r for r in rows if r["status"] in ("collapsed", "diverged")]
-    if broken:
-        raise Diverged("compare: " + "; ".join(f"{r['method']} {r['status']} ({r['error'][:160]})" for r in broken)
-                       + f". The table marks them; see {out / TABLE_FILE}", details=doc)
+    broken = [r for r in rows if r["status"] != "ok"]
+    if broken:  # a comparison with a failed row is not a result to pass on: exit with the row's code
+        text = ("compare: " + "; ".join(f"{r['method']} {r['status']} ({r['error'][:160]})" for r in broken)
+                + f". The table marks them; see {out / TABLE_FILE}")
+        if any(r["status"] in ("collapsed", "diverged") for r in broken):
+            raise Diverged(text, details=doc)
+        err = DistillError(text, details=doc)
+        err.exit_code = broken[0].get("exit_code") or 1
+        raise err
     return doc

@@ -5,11 +5,13 @@ them imports another stage to find out.
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -95,37 +97,69 @@ def versions() -> dict:
 
 # ----------------------------------------------------------------------------- CPU threads
 
-def usable_cores() -> int:
+def _affinity() -> list[int]:
     try:
-        return len(os.sched_getaffinity(0))
+        return sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        return list(range(os.cpu_count() or 1))
 
 
-def _cpu_times() -> tuple[float, float]:
+def _cgroup_quota() -> Optional[float]:
+    """CPUs' worth of time a cgroup quota allows (cgroup v2 ``cpu.max``, v1 ``cfs_quota_us``), or None."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity set), capped by a cgroup CPU quota."""
+    cpus = len(_affinity())
+    quota = _cgroup_quota()
+    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
+
+
+def _cpu_times(cpus: list[int]) -> tuple[float, float]:
+    """(total, idle) jiffies summed over ``cpus`` (the per-CPU lines of /proc/stat)."""
+    wanted = {f"cpu{c}" for c in cpus}
+    total = idle = 0.0
     with open("/proc/stat") as f:
-        parts = f.readline().split()[1:]
-    values = [float(v) for v in parts[:8]]
-    idle = values[3] + values[4]  # idle + iowait
-    return sum(values), idle
+        for line in f:
+            parts = line.split()
+            if parts and parts[0] in wanted:
+                values = [float(v) for v in parts[1:9]]
+                total += sum(values)
+                idle += values[3] + values[4]  # idle + iowait
+    return total, idle
 
 
 def cpu_load(sample_s: float = 0.2) -> dict:
-    """How busy the machine is right now: cores other processes keep busy, sampled over ``sample_s``.
+    """How busy this process's CPUs are right now: cores' worth of work others do there, over ``sample_s``.
 
-    Read from /proc/stat while this process sleeps, so it measures the others. Where /proc is
-    missing (macOS, Windows) the load is reported as unknown.
+    Read from /proc/stat for the CPUs in this process's affinity set while it sleeps, so it measures the
+    others; load on CPUs this process may not use does not count. Where /proc is missing (macOS,
+    Windows) the load is unknown.
     """
+    cpus = _affinity()
     cores = usable_cores()
     try:
-        t0, i0 = _cpu_times()
+        t0, i0 = _cpu_times(cpus)
         time.sleep(sample_s)
-        t1, i1 = _cpu_times()
-        busy = max(0.0, 1.0 - (i1 - i0) / max(t1 - t0, 1e-9)) * (os.cpu_count() or cores)
+        t1, i1 = _cpu_times(cpus)
+        if t1 - t0 <= 0:
+            raise ValueError("no /proc/stat lines for this process's CPUs")
+        busy = max(0.0, 1.0 - (i1 - i0) / (t1 - t0)) * len(cpus)
         load1 = os.getloadavg()[0]
     except (OSError, ValueError, IndexError):
         return {"cores": cores, "busy_cores": None, "loadavg_1m": None}
-    return {"cores": cores, "busy_cores": round(busy, 2), "loadavg_1m": round(load1, 2)}
+    return {"cores": cores, "busy_cores": round(min(busy, cores), 2), "loadavg_1m": round(load1, 2)}
 
 
 def choose_threads(requested: Optional[int] = None, load: Optional[dict] = None) -> int:

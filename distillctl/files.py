@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -126,8 +127,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def json_safe(obj: Any) -> Any:
+    """A JSON-safe copy: NaN/Inf become null (not valid JSON for jq or browsers), paths and others strings."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return str(obj)
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=2) + "\n")
 
 
 def read_json_file(path: Path, what: str = "") -> dict:

@@ -79,7 +79,7 @@ def prepare(command: str, source: Optional[str], *, overrides: Optional[list[str
     elif source:
         given = source
     run = Run.open(folder)
-    run.verify()  # a damaged file is exit 2 now, not after the folder has been touched
+    run.verify(metrics=False)  # a damaged file is exit 2 now, not after the folder has been touched
     if run.has_checkpoint():
         run.load_checkpoint()  # likewise the checkpoint (kept in memory for the resumed fit)
     made_by = run.manifest.get("command")
@@ -113,6 +113,22 @@ def _require_tracking(recipe: Recipe) -> None:
         require_backends(recipe.tracking)  # a missing library is exit 4 before any folder is written
 
 
+def stages_to_redo(changes: dict) -> list[str]:
+    """The stages of `run` an amendment makes stale: what it changes, and everything downstream."""
+    order = ["teacher", "distill", "export", "bench"]
+    first = len(order)
+    for key in changes:
+        if key.startswith("teacher.train."):
+            first = min(first, 0)
+        elif key.startswith("train."):
+            first = min(first, 1)
+        elif key.startswith("export."):
+            first = min(first, 2)
+        elif key.startswith("bench."):
+            first = min(first, 3)
+    return order[first:]
+
+
 def status_of(err: BaseException) -> str:
     if isinstance(err, (Interrupted, KeyboardInterrupt)):
         return "interrupted"
@@ -125,6 +141,16 @@ def status_of(err: BaseException) -> str:
 
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def _barrier() -> None:
+    """Wait for every torchrun process (a no-op in a single process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        td.barrier()
 
 
 def execute(command: str, run: Run, body: Callable[[Run], dict], *, device: str) -> dict:
@@ -144,7 +170,12 @@ def execute(command: str, run: Run, body: Callable[[Run], dict], *, device: str)
         pending = getattr(run, "pending_amendment", None)
         if pending:
             run.amend(*pending)
-            log.info(f"amended {run.root}: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in pending[1].items()))
+            reset = stages_to_redo(pending[1])
+            for name in reset:
+                if run.stage_status(name) is not None:
+                    run.set_stage(name, "pending")
+            log.info(f"amended {run.root}: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in pending[1].items())
+                     + (f"; stages to run again: {', '.join(reset)}" if reset else ""))
         run.start(device=where)
         try:
             out = body(run)
@@ -266,7 +297,8 @@ def _train(run: Run, recipe: Recipe, *, supervised: bool, role: str, device: str
     bar = Progress(label or role, bar=progress and dist.main) if dist.main else Progress(None)
     try:
         res = fit(method, data, recipe.train, run=run, device=dev, student_view=s_view, teacher_view=t_view,
-                  dist=dist, resume=resume, progress=bar, checks=Checks(data.num_classes, teacher_metrics.get("top1")),
+                  dist=dist, resume=resume, progress=bar,
+                  checks=Checks(data.num_classes, teacher_metrics.get("top1"), supervised=supervised),
                   tracker=tracker, mix=mixer if mixer.active else None)
     except BaseException as err:
         if tracker is not None:
@@ -281,7 +313,14 @@ def _train(run: Run, recipe: Recipe, *, supervised: bool, role: str, device: str
                              class_names=getattr(data, "class_names", None),
                              preprocess=getattr(data, "preprocess", None),
                              extra={"top1": res["top1"], "weights": res["chosen"]}, recipe_hash=run.recipe.hash())
-        path = run.save_student(res["eval_model"], cfg)
+        if res["trained"] or not run.student_weights.is_file():
+            # a new student: what was exported or measured from the previous one no longer describes it
+            removed = run.invalidate_exports()
+            if removed:
+                log.info(f"  removed what described the previous student: {', '.join(removed)}")
+            path = run.save_student(res["eval_model"], cfg)
+        else:  # resumed a finished run: the student on disk (and its exports) stay as they are
+            path = run.student_weights
         metrics = {"student_top1": res["top1"], "student_top5": res["top5"]}
         if teacher_metrics:
             metrics.update(teacher_top1=teacher_metrics["top1"], teacher_top5=teacher_metrics["top5"])
@@ -371,8 +410,17 @@ def train_teacher(root: Path, recipe: Recipe, *, device: str, progress: bool, la
     Returns the teacher's run and its document (None when it was already trained).
     """
     if Run.is_run(root):
-        child = Run(root, Run.open(root).recipe, nested=True)
-        if child.manifest.get("status") == "completed" and child.student_weights.is_file():
+        child = Run.open(root)
+        child.nested = True
+        expected = teacher_recipe(recipe)
+        changes = recipe_changes(child.recipe, expected)
+        if changes:  # the parent's teacher.train.* was amended: carry it into the teacher's own run
+            bad = [k for k in changes if not amendable(k)]
+            if bad:
+                raise BadInput(f"the teacher in {root} was trained with another recipe ({', '.join(bad[:5])} differ); "
+                               "start a new run")
+            child.pending_amendment = (expected, changes)
+        elif child.manifest.get("status") == "completed" and child.student_weights.is_file():
             return child, None
         resume = True
     else:
@@ -414,6 +462,7 @@ def full_run(run: Run, *, device: str = "auto", resume: bool = False, progress: 
                 run.mark_started_work()
                 child, teacher_doc = train_teacher(child.root, run.recipe, device=device, progress=progress,
                                                    label=labels["teacher"])
+        _barrier()  # torchrun: the teacher's weights are rank 0's to write
         if not child.student_weights.is_file():
             raise BadInput(f"the teacher stage of {run.root} has no weights at {child.student_weights}")
         recipe = with_teacher_weights(recipe, child.student_weights)
@@ -422,10 +471,12 @@ def full_run(run: Run, *, device: str = "auto", resume: bool = False, progress: 
     distill_doc = None
     if "distill" not in done:
         with stage(run, "distill"):
-            distill_doc = distill_run(run, device=device, recipe=recipe, progress=progress,
-                                      resume=resume and run.stage_status("distill") not in (None, "pending"),
+            distill_doc = distill_run(run, device=device, recipe=recipe, progress=progress, resume=resume,
                                       label=labels["distill"])
         timings["train_s"] = distill_doc.get("timings", {}).get("train_s")
+    _barrier()
+    if not _is_main():  # export, bench and the card are rank 0's
+        return distill_doc or {}
     if "export" in stages and "export" not in done:
         from .export import export_run
 
@@ -463,13 +514,13 @@ def summary(run: Run) -> dict:
         doc["artifacts"]["teacher"] = str(child.student_weights)
     from .run import BENCH_JSON, EXPORT_JSON
 
-    export = run.read_json(EXPORT_JSON)
+    export = run.read_report(EXPORT_JSON)
     if export:
         doc["parity"] = export.get("parity", {})
         doc["gates"] = export.get("gates", [])
         for k, v in export.get("metrics", {}).items():
             doc["metrics"].setdefault(k, v)
-    bench = run.read_json(BENCH_JSON)
+    bench = run.read_report(BENCH_JSON)
     if bench:
         for k in ("latency_ms", "throughput_img_s", "device", "versions", "providers", "load"):
             if k in bench:

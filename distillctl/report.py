@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -52,19 +51,6 @@ def setup_logging() -> None:
         log.addHandler(h)
         log.setLevel(logging.INFO)
         log.propagate = False
-
-
-def _clean(obj):
-    """JSON-safe: NaN/Inf become null, paths and other objects become strings."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if obj is None or isinstance(obj, (str, int, bool)):
-        return obj
-    return str(obj)
 
 
 def _pct(v) -> str:
@@ -197,7 +183,9 @@ def execute(command: str, json_out: bool, fn: Callable[[], dict], human: Callabl
         doc["error"] = error
     doc.update({k: v for k, v in body.items() if k not in doc})
     if json_out:
-        sys.stdout.write(json.dumps(_clean(doc)) + "\n")
+        from .files import json_safe
+
+        sys.stdout.write(json.dumps(json_safe(doc)) + "\n")
         sys.stdout.flush()
     elif code == 0:
         text = (human or _human)(body)

@@ -69,7 +69,9 @@ MLFLOW_DIR = "mlflow"  # MLflow's default SQLite store and its artifacts (W&B wr
 # Recipe keys a resumed run may change with --amend: they steer the optimisation or the reports,
 # never the shapes of the models, the data or the method's modules.
 AMENDABLE = ("train.lr", "train.min_lr", "train.grad_clip", "train.epochs", "train.log_every", "train.ema_decay",
-             "train.early_stop_patience", "export.", "bench.", "tracking.")
+             "train.early_stop_patience", "teacher.train.lr", "teacher.train.min_lr", "teacher.train.grad_clip",
+             "teacher.train.epochs", "teacher.train.log_every", "teacher.train.early_stop_patience",
+             "export.", "bench.", "tracking.")
 
 
 def runs_dir() -> Path:
@@ -204,6 +206,7 @@ class Run:
             raise BadInput(f"{p} is not a distillctl run folder (no {RECIPE_FILE})")
         run = cls(p)
         run.recipe  # noqa: B018 - read and validate now: a damaged recipe is exit 2 before any work
+        run.nested = bool(run.manifest.get("nested"))  # RUN/teacher of a `distillctl run`
         return run
 
     @classmethod
@@ -231,7 +234,7 @@ class Run:
                 time.strftime("%Y%m%d-%H%M%S")
             base = runs_dir() / f"{safe_name(recipe.name)}-{stamp}"
             root, i = base, 1
-            while root.exists():
+            while root.exists() and not distributed:  # under torchrun every rank must name the same folder
                 root = base.with_name(f"{base.name}-{i}")
                 i += 1
         return cls(root, recipe)
@@ -348,6 +351,22 @@ class Run:
     def bench_png(self) -> Path:
         return self.path(BENCH_PNG)
 
+    def resolve(self, name: Path | str) -> Path:
+        """A path as a report stores it (relative to the run folder, or absolute) -> a usable path."""
+        p = Path(name)
+        return p if p.is_absolute() else self.root / p
+
+    def read_report(self, name: str) -> Optional[dict]:
+        """export.json / bench.json for reading; a damaged one is treated as absent (with a warning): reports
+        are rewritten by the command that makes them, so they must never block it."""
+        try:
+            return self.read_json(name)
+        except BadInput as err:
+            import logging
+
+            logging.getLogger("distillctl").warning(f"warning: {err.message}")
+            return None
+
     def relative(self, path: Path | str) -> str:
         """``path`` relative to the run folder when inside it (what the card and reports print)."""
         try:
@@ -423,17 +442,24 @@ class Run:
 
     def _remove_stale_temps(self) -> None:
         # we hold the lock: no other writer exists, so every temporary here is a killed process's leftover
+        import shutil
+
         for d in (self.root, self.root / STUDENT_DIR, self.root / EXPORT_DIR):
             if d.is_dir() and not d.is_symlink():
                 for f in [*d.glob(".*.tmp"), *d.glob(".*.tmp.*"), *d.glob("*.staged.*")]:
                     if f.is_file() and f not in PENDING:
                         f.unlink(missing_ok=True)
+                for w in d.glob(".int8-*"):  # the INT8 quantizer's work folder of a killed export
+                    if w.is_dir() and not w.is_symlink():
+                        shutil.rmtree(w, ignore_errors=True)
 
     def create(self, command: str) -> None:
         """Write a new run's recipe and manifest (call inside ``writing``)."""
         self._write(RECIPE_FILE, self.recipe.to_yaml())
         self._manifest = {"command": command, "recipe_hash": self.recipe.hash(), "seed": self.recipe.seed,
                           "created": _now(), "status": "created", "stages": {}}
+        if self.nested:
+            self._manifest["nested"] = True
         self.save_manifest()
 
     # -- manifest ------------------------------------------------------------------------
@@ -594,10 +620,20 @@ class Run:
         sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_weights(self.best_file, sd, {k: json.dumps(v) for k, v in info.items()})
 
-    def load_best(self) -> Optional[dict]:
+    def load_best(self) -> Optional[tuple[dict, dict]]:
+        """``(state_dict, info)`` of the best epoch's weights (info: what ``save_best`` recorded), or None."""
         from .models import read_state_dict
 
-        return read_state_dict(self.best_file) if self.best_file.is_file() else None
+        if not self.best_file.is_file():
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.best_file), framework="pt") as f:
+                info = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        except Exception:  # noqa: BLE001 - unreadable: treated as absent, the last epoch is exported
+            return None
+        return read_state_dict(self.best_file), info
 
     # -- the student -----------------------------------------------------------------------
     def save_student(self, model, config: dict) -> Path:
@@ -616,15 +652,41 @@ class Run:
                            f"{self.recipe.student.model}")
         return model, cfg
 
-    def verify(self) -> None:
-        """Read every file the run's commands rely on; a damaged one is exit 2 before anything is written."""
+    def verify(self, *, metrics: bool = True) -> None:
+        """Read the files a command relies on; a damaged one is exit 2 before anything is written.
+
+        ``metrics=False`` for a resume: it rewrites metrics.jsonl from the checkpoint (damaged lines go).
+        Reports (export.json, bench.json) are not checked: the commands that write them replace them.
+        """
         self.recipe  # noqa: B018
         self.manifest  # noqa: B018
-        self.metrics_rows()
+        if metrics:
+            self.metrics_rows()
         if self.student_weights.exists():
             self.student_config()
-        for name in (EXPORT_JSON, BENCH_JSON):
-            self.read_json(name)
+
+    def invalidate_exports(self) -> list[str]:
+        """Remove the artifacts and reports derived from the current student (it is about to be replaced),
+        and mark the export and bench stages as not done. Returns what was removed, relative to the run."""
+        removed = []
+        export = self.path(EXPORT_DIR)
+        if export.is_dir():
+            for f in sorted(export.iterdir()):
+                if f.is_file() and f.name != TIMING_CACHE_FILE:
+                    removed.append(self.relative(f))
+                    f.unlink()
+        for name in (EXPORT_JSON, BENCH_JSON, BENCH_PNG):
+            p = self.path(name)
+            if p.is_file():
+                removed.append(name)
+                p.unlink()
+        stages = self.manifest.get("stages", {})
+        for stage in ("export", "bench"):
+            if stage in stages:
+                stages[stage] = "pending"
+        if removed:
+            self.save_manifest()
+        return removed
 
     def metrics_summary(self) -> dict:
         return dict(self.manifest.get("metrics") or {})

@@ -272,6 +272,49 @@ class Checks:
 
     num_classes: int
     teacher_top1: Optional[float] = None
+    supervised: bool = False  # a model trained alone (no teacher): judged by supervised_verdict
+
+
+def supervised_verdict(top1: float, checks: "Checks") -> Optional[str]:
+    """Why a model trained alone counts as collapsed, or None: it ended within a whisker of chance
+    (less than max(2 points, half the chance rate) above it), i.e. it learned nothing. A teacher that
+    `run` trains and that learned nothing cannot teach; a baseline like that is no baseline."""
+    if not checks.supervised or checks.num_classes < 2:
+        return None
+    chance = 1.0 / checks.num_classes
+    if top1 < chance + max(0.02, 0.5 * chance):
+        return f"top-1 {top1:.4f} after training is at chance level ({chance:.4f}): the model learned nothing"
+    return None
+
+
+def _agree(flags: list[float], dist: Dist, device: torch.device, *, source_main: bool) -> list[float]:
+    """The same decision on every process: rank 0's flags (``source_main``) or the max over ranks.
+
+    With one process this is the identity. Every rank calls it at the same step, so no rank raises,
+    stops or checkpoints while another enters the next collective (gloo errors, NCCL hangs).
+    """
+    if dist.world_size <= 1:
+        return flags
+    t = torch.tensor(flags, dtype=torch.float32, device=device)
+    if source_main:
+        torch.distributed.broadcast(t, src=0)
+    else:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _restore_lr(s: Step, cfg: TrainConfig, steps_per_epoch: int) -> None:
+    """After loading optimizer and scheduler state, make the recipe's lr schedule the one in force.
+
+    ``load_state_dict`` brings back the checkpoint's base lr; after ``--resume --amend --set train.lr=...``
+    (or ``min_lr``, ``epochs``) the amended schedule must apply from the next step on.
+    """
+    factor = lr_factor(cfg, steps_per_epoch)
+    s.scheduler.base_lrs = [cfg.lr for _ in s.optimizer.param_groups]
+    for g in s.optimizer.param_groups:
+        g["initial_lr"] = cfg.lr
+        g["lr"] = cfg.lr * factor(s.scheduler.last_epoch)
+    s.scheduler.lr_lambdas = [factor for _ in s.optimizer.param_groups]
 
 
 def fit(method: nn.Module, data, cfg: TrainConfig, *, run, device: torch.device, student_view: nn.Module,
@@ -279,8 +322,8 @@ def fit(method: nn.Module, data, cfg: TrainConfig, *, run, device: torch.device,
         checks: Optional[Checks] = None, tracker=None, mix: Optional[Callable] = None) -> dict:
     """Train ``method`` (a Distiller) for ``cfg.epochs`` in ``run`` (a ``distillctl.run.Run``).
 
-    Returns the final validation metrics, the weights to export (the best epoch's by default) and
-    what was chosen. Raises Diverged, Collapsed (exit 6) and Interrupted (exit 130).
+    Returns the final validation metrics, the weights to export (the best epoch's by default), what was
+    chosen, and whether any step was trained. Raises Diverged, Collapsed (exit 6) and Interrupted (130).
     """
     from .progress import Progress
 
@@ -299,6 +342,8 @@ def fit(method: nn.Module, data, cfg: TrainConfig, *, run, device: torch.device,
     best = {"epoch": None, "metric": cfg.best_metric, "value": None}
     first_loss = None
     history: list[float] = []  # validation top-1 per epoch
+    finished = False  # an early-stopped run is finished: resuming it must not train on
+    note = ""
     if resume and run.has_checkpoint():
         st = run.load_checkpoint()
         if st.get("recipe_hash") not in (None, *run.accepted_hashes()):
@@ -308,6 +353,7 @@ def fit(method: nn.Module, data, cfg: TrainConfig, *, run, device: torch.device,
                                 **st["training_modules"]})
         s.optimizer.load_state_dict(st["optimizer"])
         s.scheduler.load_state_dict(st["scheduler"])
+        _restore_lr(s, cfg, steps)
         s.scaler.load_state_dict(st["scaler"])
         if s.ema is not None and st.get("ema") is not None:
             s.ema.load_state_dict(st["ema"])
@@ -315,6 +361,8 @@ def fit(method: nn.Module, data, cfg: TrainConfig, *, run, device: torch.device,
         best = st.get("best") or best
         first_loss = st.get("first_loss")
         history = list(st.get("history") or [])
+        # an amended recipe (more epochs, another patience) may train on; the same recipe may not
+        finished = bool(st.get("finished")) and st.get("recipe_hash") == run.recipe.hash()
         _set_rng_state(st["rng"])
         if hasattr(data.train, "load_state"):
             data.train.load_state(st.get("data_rng"))
@@ -323,18 +371,19 @@ def fit(method: nn.Module, data, cfg: TrainConfig, *, run, device: torch.device,
         if dist.main:
             dropped = run.truncate_metrics(start_epoch, global_step)
             note = f", dropped {dropped} metrics rows logged after it" if dropped else ""
-        # start_step == steps: the signal came after the epoch's last step; its validation runs on resume
-        if dist.main:
-            if start_epoch >= cfg.epochs:
-                log.info(f"resumed from {run.checkpoint_file}: all {cfg.epochs} epochs were already done{note}")
+            # start_step == steps: the signal came after the epoch's last step; its validation runs on resume
+            if start_epoch >= cfg.epochs or finished:
+                log.info(f"resumed from {run.checkpoint_file}: the run was already finished "
+                         f"({start_epoch} of {cfg.epochs} epochs){note}")
             else:
                 log.info(f"resumed from {run.checkpoint_file}: epoch {start_epoch + 1}/{cfg.epochs}, "
                          f"step {start_step}{note}")
     elif resume and dist.main:
         log.info(f"--resume: {run.root} has no checkpoint yet, so the run starts from the beginning")
         run.clear_metrics()
+    first_step = global_step
 
-    def checkpoint(epoch: int, step: int) -> None:
+    def checkpoint(epoch: int, step: int, done: bool = False) -> None:
         if not dist.main:
             return
         run.save_checkpoint({
@@ -345,132 +394,165 @@ def fit(method: nn.Module, data, cfg: TrainConfig, *, run, device: torch.device,
             "epoch": epoch, "step": step, "global_step": global_step, "rng": _rng_state(),
             "data_rng": data.train.state() if hasattr(data.train, "state") else None,
             "recipe_hash": run.recipe.hash(), "best": best, "first_loss": first_loss, "history": history,
-            "mix_rng": mix.state() if hasattr(mix, "state") else None,
+            "mix_rng": mix.state() if hasattr(mix, "state") else None, "finished": done,
         })
 
     def kept() -> str:
-        if run.has_checkpoint():
-            st_epoch = run.load_checkpoint()["epoch"] if dist.main else "?"
-            return f"the last good checkpoint ({st_epoch} epochs done) is kept at {run.checkpoint_file}"
+        if dist.main and run.has_checkpoint():
+            return (f"the last good checkpoint ({run.load_checkpoint()['epoch']} epochs done) is kept at "
+                    f"{run.checkpoint_file}")
         return "no checkpoint had been written yet, so there is none to keep"
 
+    advice = ("Lower the learning rate (train.lr; teacher.train.lr for the teacher `distillctl run` trains) or set "
+              "train.grad_clip, then rerun, or continue with --resume --amend --set train.lr=...")
     bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last check
     last: dict = {}
     val: dict = {}
     stopped_early = None
     bar = progress or Progress(None)
     bar.start(total=cfg.epochs * steps, done=start_epoch * steps + start_step)
-    with _StopFlag() as stop:
-        for epoch in range(start_epoch, cfg.epochs):
-            data.train.set_epoch(epoch, start_step * accumulate)
-            method.train()
-            t_log, n_log, n_steps_logged, sums = time.perf_counter(), 0, 0, {}
-            it = iter(data.train)
-            for step in range(start_step, steps):
-                batches = []
-                for _ in range(accumulate):
-                    try:
-                        batches.append(next(it))
-                    except StopIteration:
+    try:
+        with _StopFlag() as stop:
+            for epoch in range(start_epoch, 0 if finished else cfg.epochs):
+                data.train.set_epoch(epoch, start_step * accumulate)
+                method.train()
+                t_log, n_log, n_steps_logged, sums = time.perf_counter(), 0, 0, {}
+                it = iter(data.train)
+                for step in range(start_step, steps):
+                    batches = []
+                    for _ in range(accumulate):
+                        try:
+                            batches.append(next(it))
+                        except StopIteration:
+                            break
+                    if not batches:
                         break
-                if not batches:
-                    break
-                method.progress = epoch + step / steps
-                loss, losses = train_step(s, batches, global_step)
-                bad |= ~torch.isfinite(loss)  # no host sync here
-                global_step += 1
-                n_log += sum(int(y.shape[0]) for _, y in batches)
-                n_steps_logged += 1
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                sums["loss"] = sums.get("loss", 0.0) + loss
-                done = step + 1
-                if done % cfg.log_every == 0 or done == steps or stop.signum:
-                    if bad.item():  # host sync: once per log interval
-                        raise Diverged(f"non-finite loss at epoch {epoch + 1}, step {done}; {kept()}. "
-                                       "Lower train.lr or set train.grad_clip, then rerun or continue with "
-                                       "--resume --amend --set train.lr=...")
-                    dt = time.perf_counter() - t_log
-                    row = {"epoch": epoch + 1, "step": done, "global_step": global_step,
-                           "lr": s.optimizer.param_groups[0]["lr"], "img_s": n_log * dist.world_size / max(dt, 1e-9)}
-                    row.update({k: (v / n_steps_logged).item() for k, v in sums.items()})
-                    last = row
-                    if first_loss is None:
-                        first_loss = row["loss"]
-                    elif row["loss"] > EXPLODE_FACTOR * max(first_loss, 0.1) and row["loss"] > 10:
-                        raise Diverged(f"the loss exploded at epoch {epoch + 1}, step {done}: {row['loss']:.4g} "
-                                       f"against {first_loss:.4g} at the start; {kept()}. Lower train.lr or set "
-                                       "train.grad_clip")
-                    if dist.main:
-                        run.append_metrics(row)
-                        if tracker is not None:
-                            tracker.log(row, global_step)
-                    t_log, n_log, n_steps_logged, sums = time.perf_counter(), 0, 0, {}
-                    bar.update(epoch * steps + done, epoch=epoch + 1, epochs=cfg.epochs, row=row)
-                else:
-                    bar.update(epoch * steps + done)
-                if stop.signum:
-                    bar.stop()
-                    checkpoint(epoch, done)
-                    raise Interrupted(f"interrupted by signal {stop.signum} at epoch {epoch + 1}, step {done}; "
-                                      f"checkpoint written to {run.checkpoint_file}. Continue with --resume.")
-            start_step = 0
-            if dist.main:
-                val = evaluate(eval_model(), data.val, student_view, device, amp_eval())
-                history.append(val["top1"])
-                row = {"epoch": epoch + 1, "global_step": global_step, "top1": val["top1"], "top5": val["top5"],
-                       "lr": s.optimizer.param_groups[0]["lr"]}
-                run.append_metrics(row)
-                if tracker is not None:
-                    tracker.log(row, global_step)
-                terms = " ".join(f"{k}={v:.4f}" for k, v in last.items() if k.startswith("loss"))
-                bar.note(f"epoch {epoch + 1}/{cfg.epochs} {terms} top1={val['top1']:.4f} top5={val['top5']:.4f} "
-                         f"img/s={last.get('img_s', 0):.0f}")
-                value = val[cfg.best_metric]
-                if best["value"] is None or value > best["value"]:
-                    best = {"epoch": epoch + 1, "metric": cfg.best_metric, "value": value}
-                    run.save_best(eval_model(), {"epoch": epoch + 1, cfg.best_metric: value})
-                # a student that clearly learned (half way from chance to the teacher) and then fell back
-                # to chance is not worth more epochs; otherwise the verdict waits for the last epoch
-                verdict = collapse_verdict(val["top1"], checks.teacher_top1, checks.num_classes)
-                if verdict and (epoch + 1 == cfg.epochs or _learned(history[:-1], checks)):
-                    good = collapse_verdict(best["value"], checks.teacher_top1, checks.num_classes) is None \
-                        if best["metric"] == "top1" else False
-                    where = (f"the last good weights are {run.best_file} (epoch {best['epoch']}, top-1 "
-                             f"{best['value']:.4f})" if good else "no epoch was above chance, so there is no good "
-                                                                  "checkpoint to keep")
+                    method.progress = epoch + step / steps
+                    loss, losses = train_step(s, batches, global_step)
+                    bad |= ~torch.isfinite(loss)  # no host sync here
+                    global_step += 1
+                    n_log += sum(int(y.shape[0]) for _, y in batches)
+                    n_steps_logged += 1
+                    for k, v in losses.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    sums["loss"] = sums.get("loss", 0.0) + loss
+                    done = step + 1
+                    # one process reacts to a signal at once; several agree at the log points
+                    if done % cfg.log_every == 0 or done == steps or (stop.signum and dist.world_size == 1):
+                        mean_loss = (sums["loss"] / n_steps_logged).item()  # host sync: once per interval
+                        exploded = first_loss is not None and mean_loss > EXPLODE_FACTOR * max(first_loss, 0.1) \
+                            and mean_loss > 10
+                        nonfinite, exploded, signalled = _agree(
+                            [float(bad.item()), float(exploded), float(bool(stop.signum))], dist, device,
+                            source_main=False)
+                        if nonfinite:
+                            raise Diverged(f"non-finite loss at epoch {epoch + 1}, step {done}; {kept()}. {advice}")
+                        if exploded:
+                            raise Diverged(f"the loss exploded at epoch {epoch + 1}, step {done}: {mean_loss:.4g} "
+                                           f"against {first_loss:.4g} at the start; {kept()}. {advice}")
+                        dt = time.perf_counter() - t_log
+                        row = {"epoch": epoch + 1, "step": done, "global_step": global_step,
+                               "lr": s.optimizer.param_groups[0]["lr"],
+                               "img_s": n_log * dist.world_size / max(dt, 1e-9)}
+                        row.update({k: (v / n_steps_logged).item() for k, v in sums.items()})
+                        last = row
+                        if first_loss is None:
+                            first_loss = row["loss"]
+                        if dist.main:
+                            run.append_metrics(row)
+                            if tracker is not None:
+                                tracker.log(row, global_step)
+                        t_log, n_log, n_steps_logged, sums = time.perf_counter(), 0, 0, {}
+                        bar.update(epoch * steps + done, epoch=epoch + 1, epochs=cfg.epochs, row=row)
+                        if signalled:
+                            checkpoint(epoch, done)
+                            raise Interrupted(f"interrupted by signal {stop.signum or 'on another process'} at "
+                                              f"epoch {epoch + 1}, step {done}; checkpoint written to "
+                                              f"{run.checkpoint_file}. Continue with --resume.")
+                    else:
+                        bar.update(epoch * steps + done)
+                start_step = 0
+                collapsed = early = 0.0
+                verdict = None
+                if dist.main:
+                    val = evaluate(eval_model(), data.val, student_view, device, amp_eval())
+                    history.append(val["top1"])
+                    row = {"epoch": epoch + 1, "global_step": global_step, "top1": val["top1"],
+                           "top5": val["top5"], "lr": s.optimizer.param_groups[0]["lr"]}
+                    run.append_metrics(row)
+                    if tracker is not None:
+                        tracker.log(row, global_step)
+                    terms = " ".join(f"{k}={v:.4f}" for k, v in last.items() if k.startswith("loss"))
+                    bar.note(f"epoch {epoch + 1}/{cfg.epochs} {terms} top1={val['top1']:.4f} "
+                             f"top5={val['top5']:.4f} img/s={last.get('img_s', 0):.0f}")
+                    value = val[cfg.best_metric]
+                    if best["value"] is None or value > best["value"]:
+                        best = {"epoch": epoch + 1, "metric": cfg.best_metric, "value": value}
+                        run.save_best(eval_model(), {"epoch": epoch + 1, cfg.best_metric: value})
+                    # a student that clearly learned (half way from chance to the teacher) and then fell back
+                    # to chance is not worth more epochs; otherwise the exported weights are judged at the end
+                    verdict = collapse_verdict(val["top1"], checks.teacher_top1, checks.num_classes)
+                    collapsed = float(bool(verdict) and _learned(history[:-1], checks))
+                    early = float(bool(cfg.early_stop_patience) and best["epoch"] is not None
+                                  and epoch + 1 - best["epoch"] >= cfg.early_stop_patience)
+                collapsed, early = _agree([collapsed, early], dist, device, source_main=True)
+                if collapsed:
                     # checkpoint.pt stays at the previous epoch: the collapsed state is not written over it
-                    raise Collapsed(f"training collapsed at epoch {epoch + 1}: {verdict}; {where}. The student "
-                                    "was not exported. Check the recipe (lower train.lr, train.grad_clip, the "
-                                    "method's loss weights)", details={"history": history, "best": best,
-                                                                   "num_classes": checks.num_classes})
-                if cfg.early_stop_patience and best["epoch"] is not None and \
-                        epoch + 1 - best["epoch"] >= cfg.early_stop_patience:
+                    raise _collapse(f"training collapsed at epoch {epoch + 1}: {verdict or 'see rank 0'}",
+                                    run, best, checks, history)
+                if early:
                     stopped_early = epoch + 1
-            checkpoint(epoch + 1, 0)
-            if dist.world_size > 1:
-                torch.distributed.barrier()
-            if stop.signum:  # the signal came during validation or the checkpoint: stop here, resumable
-                bar.stop()
-                raise Interrupted(f"interrupted by signal {stop.signum} after epoch {epoch + 1}; checkpoint written "
-                                  f"to {run.checkpoint_file}. Continue with --resume.")
-            if stopped_early:
-                bar.note(f"early stop after epoch {stopped_early}: no {cfg.best_metric} gain for "
-                         f"{cfg.early_stop_patience} epochs (best {best['value']:.4f} at epoch {best['epoch']})")
-                break
-    bar.stop()
+                checkpoint(epoch + 1, 0, done=bool(early) or epoch + 1 == cfg.epochs)
+                if dist.world_size > 1:
+                    torch.distributed.barrier()
+                if stop.signum and not early and epoch + 1 < cfg.epochs:
+                    # the signal came during validation or the checkpoint: stop here, resumable
+                    raise Interrupted(f"interrupted by signal {stop.signum} after epoch {epoch + 1}; checkpoint "
+                                      f"written to {run.checkpoint_file}. Continue with --resume.")
+                if stopped_early:
+                    if dist.main:
+                        bar.note(f"early stop after epoch {stopped_early}: no {cfg.best_metric} gain for "
+                                 f"{cfg.early_stop_patience} epochs (best {best['value']:.4f} at epoch "
+                                 f"{best['epoch']})")
+                    break
+    finally:
+        bar.stop()
     if not val and dist.main:  # resumed a finished run
         val = evaluate(eval_model(), data.val, student_view, device, amp_eval())
     exported = eval_model()
     chosen = {"weights": "last", "epoch": len(history) or None}
     if cfg.export_weights == "best" and best["epoch"] is not None and dist.main:
-        sd = run.load_best()
-        if sd is not None and best["epoch"] != len(history):
-            import copy
+        loaded = run.load_best()
+        if loaded is None or loaded[1].get("epoch") != best["epoch"]:
+            # the file is missing or from another epoch (a kill between it and the checkpoint): trust neither
+            log.warning(f"warning: {run.best_file} does not hold the best epoch ({best['epoch']}); the last "
+                        "epoch's weights are exported instead")
+        else:
+            if best["epoch"] != len(history):
+                import copy
 
-            exported = copy.deepcopy(eval_model())
-            exported.load_state_dict(sd, strict=True)
-            val = evaluate(exported, data.val, student_view, device, amp_eval())
-        chosen = {"weights": "best", "epoch": best["epoch"], "metric": best["metric"], "value": best["value"]}
+                exported = copy.deepcopy(eval_model())
+                exported.load_state_dict(loaded[0], strict=True)
+                val = evaluate(exported, data.val, student_view, device, amp_eval())
+            chosen = {"weights": "best", "epoch": best["epoch"], "metric": best["metric"], "value": best["value"]}
+    verdict, flag = None, 0.0
+    if dist.main:  # judged on the weights that would be handed over, however training ended
+        verdict = collapse_verdict(val["top1"], checks.teacher_top1, checks.num_classes) or \
+            supervised_verdict(val["top1"], checks)
+        flag = float(bool(verdict))
+    if _agree([flag], dist, device, source_main=True)[0]:
+        raise _collapse(f"training ended collapsed: {verdict or 'see rank 0'}", run, best, checks, history)
     return {"top1": val.get("top1"), "top5": val.get("top5"), "eval_model": exported, "img_s": last.get("img_s"),
-            "chosen": chosen, "early_stopped_at": stopped_early, "history": history}
+            "chosen": chosen, "early_stopped_at": stopped_early, "history": history,
+            "trained": global_step > first_step}
+
+
+def _collapse(what: str, run, best: dict, checks: "Checks", history: list[float]) -> Collapsed:
+    good = best["value"] is not None and best["metric"] == "top1" and \
+        collapse_verdict(best["value"], checks.teacher_top1, checks.num_classes) is None and \
+        supervised_verdict(best["value"], checks) is None
+    where = (f"the last good weights are {run.best_file} (epoch {best['epoch']}, top-1 {best['value']:.4f})"
+             if good else "no epoch was above chance, so there is no good checkpoint to keep")
+    return Collapsed(f"{what}; {where}. The student was not exported. Check the recipe (lower train.lr, "
+                     "train.grad_clip, the method's loss weights)",
+                     details={"history": history, "best": best, "num_classes": checks.num_classes})

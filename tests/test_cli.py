@@ -142,16 +142,35 @@ def test_sigterm_writes_checkpoint_and_exits_130(tmp_path, teacher_weights):
     assert json.loads((run / "manifest.json").read_text())["status"] == "interrupted"
 
 
-def test_torchrun_two_cpu_processes(tmp_path, teacher_weights):
-    run = tmp_path / "run"
+def _torchrun(*args, cwd):
     env = dict(os.environ, CI="true", OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "distillctl.cli", "distill", SMOKE, "--set", f"teacher.weights={teacher_weights}",
-                        "--out", str(run), "--device", "cpu"], capture_output=True, text=True, env=env,
-                       cwd=tmp_path, timeout=300)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "distillctl.cli", *args, "--device", "cpu"], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def test_torchrun_two_cpu_processes_agree_on_early_stopping(tmp_path, teacher_weights):
+    """Rank 0 decides early stopping; every rank must stop at the same epoch (else gloo errors / NCCL hangs)."""
+    run = tmp_path / "run"
+    p = _torchrun("distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--set", "train.epochs=5",
+                  "--set", "train.lr=1e-9", "--set", "train.early_stop_patience=1", "--out", str(run), cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     # each rank takes half of the 260-image training split: 4 steps of 32 per epoch instead of 8
     steps = [r["step"] for r in rows if "step" in r]
     assert max(steps) == 4
+    epochs = [r["epoch"] for r in rows if "top1" in r]  # lr 1e-9: only BN statistics move, gains stop soon
+    assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) < 5
+    assert f"early stop after epoch {len(epochs)}" in p.stderr
     assert (run / "student" / "model.safetensors").is_file()
+
+
+def test_torchrun_run_trains_the_teacher_then_exports_on_rank_0(tmp_path):
+    run = tmp_path / "run"
+    p = _torchrun("run", SMOKE, "--set", "data.synthetic_size=160", "--set", "bench.iters=3",
+                  "--set", "bench.batch_sizes=[1]", "--out", str(run), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["status"] == "completed" and set(m["stages"].values()) == {"completed"}
+    assert (run / "teacher" / "model.safetensors").is_file() and (run / "export" / "model.onnx").is_file()
+    assert p.stderr.count("export 3/4") == 1  # export, bench and the card ran once, on rank 0

@@ -156,11 +156,11 @@ def test_sigterm_during_export_is_130_with_the_document_and_no_temporaries(tmp_p
     r = run_cli("distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--set", "data.synthetic_size=64",
                 "--out", str(run), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    p = _popen("export", str(run), "--format", "onnx", "--json", cwd=tmp_path)
+    p = _popen("export", str(run), "--format", "onnx", "--precision", "int8", "--json", cwd=tmp_path)
     t0 = time.time()
     while time.time() - t0 < 240 and p.poll() is None:
-        if (run / "export").is_dir() and any((run / "export").iterdir()):
-            break  # the exporter is writing
+        if (run / "export").is_dir() and any((run / "export").glob("*.staged.*")):
+            break  # the FP32 file is staged; quantization is under way
         time.sleep(0.005)
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=120)
@@ -194,6 +194,10 @@ def test_collapsed_student_exits_6_and_compare_flags_it(tmp_path):
     assert "collapsed" in doc["error"] and "chance level" in doc["error"]
     assert not (tmp_path / "run" / "student" / "model.safetensors").exists()  # never handed over
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "collapsed"
+
+    r = run_cli("run", SMOKE, *base, "--set", "train.epochs=4", "--set", "train.early_stop_patience=1",
+                "--out", str(tmp_path / "early"), cwd=tmp_path)
+    assert r.returncode == 6 and "collapsed" in r.stderr  # stopping early does not skip the verdict
 
     r = run_cli("compare", SMOKE, "--methods", "ce,kd", *base, "--out", str(tmp_path / "cmp"), "--json",
                 cwd=tmp_path)
@@ -272,3 +276,25 @@ def test_unusable_out_is_exit_2(tmp_path, teacher_weights, out):
                 cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and json.loads(r.stdout)["error"]
+
+
+def test_a_teacher_that_learned_nothing_stops_run_with_exit_6(tmp_path):
+    r = run_cli("run", SMOKE, "--set", "teacher.train.lr=1e-9", "--set", "export.formats=[safetensors]",
+                "--set", "bench.backends=[]", "--out", str(tmp_path / "run"), "--json", cwd=tmp_path)
+    assert r.returncode == 6, r.stderr
+    assert "learned nothing" in json.loads(r.stdout)["error"]
+    m = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert m["stages"]["teacher"] == "collapsed" and "distill" not in m["stages"]
+
+
+def test_compare_with_a_failed_method_is_not_exit_0(tmp_path, teacher_weights):
+    bad = tmp_path / "bad.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(bad))
+    r = run_cli("compare", SMOKE, "--methods", "ce,kd", "--set", f"teacher.weights={bad}",
+                "--set", "data.synthetic_size=64", "--out", str(tmp_path / "cmp"), "--json", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    rows = {row["method"]: row for row in json.loads(r.stdout)["rows"]}
+    assert rows["ce"]["status"] == "ok" and rows["kd"]["status"] == "error"
+    assert (tmp_path / "cmp" / "compare.md").is_file()  # the table is still written

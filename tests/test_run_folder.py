@@ -69,7 +69,7 @@ def test_refused_resume_leaves_the_folder_byte_identical(finished, tmp_path):
 def test_resume_from_the_folder_alone_and_latest(finished, tmp_path, teacher_weights):
     r = run_cli("distill", "--resume", str(finished), "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "all 2 epochs were already done" in r.stderr and "epoch 3/2" not in r.stderr
+    assert "the run was already finished (2 of 2 epochs)" in r.stderr and "epoch 3/2" not in r.stderr
     _exactly_once(finished, epochs=2, steps=2)
     # the natural guess: the recipe it was made with (+ the same overrides), resolved against runs/latest
     assert (tmp_path / "runs" / "latest").resolve() == finished.resolve()  # the resume did real work
@@ -84,7 +84,7 @@ def test_resume_of_another_commands_run_says_which(finished, tmp_path):
 
 
 def test_amend_changes_lr_and_is_recorded(tmp_path, teacher_weights):
-    r = _distill(tmp_path, teacher_weights)
+    r = _distill(tmp_path, teacher_weights, "--set", "train.schedule=constant")
     assert r.returncode == 0, r.stderr
     run = tmp_path / "run"
     r = run_cli("distill", "--resume", str(run), "--set", "train.lr=0.01", "--set", "train.epochs=2", "--amend",
@@ -94,6 +94,8 @@ def test_amend_changes_lr_and_is_recorded(tmp_path, teacher_weights):
     assert m["amendments"][-1]["changes"] == {"train.epochs": [1, 2], "train.lr": [0.05, 0.01]}
     assert m["recipe_hash"] == m["amendments"][-1]["to_hash"]
     _exactly_once(run, epochs=2, steps=2)
+    lrs = {r["epoch"]: r["lr"] for r in _rows(run) if "step" in r}
+    assert lrs[1] == pytest.approx(0.05) and lrs[2] == pytest.approx(0.01)  # the amended lr is the one in force
     # what would change the model is never amendable
     r = run_cli("distill", "--resume", str(run), "--set", "student.model=resnet18", "--amend", cwd=tmp_path)
     assert r.returncode == 2 and "student.model" in r.stderr
@@ -265,3 +267,106 @@ def test_training_and_export_do_not_import_each_other():
                            ("distillctl.export", "train"), ("distillctl.export.card", "flows")):
         out = subprocess.run([sys.executable, "-c", code, mod], capture_output=True, text=True, check=True).stdout
         assert f"'{forbidden}'" not in out, (mod, out)
+
+
+def test_amended_run_redoes_the_stale_stages_and_exports_describe_the_new_student(tmp_path):
+    run = tmp_path / "run"
+    r = run_cli("run", SMOKE, *RUN_TINY, "--set", "bench.iters=3", "--out", str(run), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    onnx_before = (run / "export" / "model.onnx").stat().st_mtime_ns
+    r = run_cli("run", "--resume", str(run), "--amend", "--set", "train.epochs=2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "stages to run again: distill, export, bench" in r.stderr
+    m = _manifest(run)
+    assert set(m["stages"].values()) == {"completed"}
+    _exactly_once(run, epochs=2, steps=2)
+    assert (run / "export" / "model.onnx").stat().st_mtime_ns > onnx_before  # exported from the new student
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    import distillctl
+
+    model, _ = distillctl.load_student(run)
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    sess = ort.InferenceSession(str(run / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        assert np.abs(sess.run(None, {"input": x})[0] - model(torch.from_numpy(x)).numpy()).max() < 1e-3
+
+
+def test_resuming_a_finished_early_stopped_run_changes_nothing(tmp_path, teacher_weights):
+    r = _distill(tmp_path, teacher_weights, "--set", "train.epochs=6", "--set", "train.lr=1e-9",
+                 "--set", "train.early_stop_patience=1")
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    before = snapshot(run)
+    r = run_cli("distill", "--resume", str(run), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "the run was already finished" in r.stderr
+    after = snapshot(run)
+    changed = {k for k in before if before[k] != after.get(k)}
+    assert changed <= {"manifest.json"}  # status and times; no training, no new student
+
+
+def test_the_nested_teacher_is_a_run_of_its_own(tmp_path):
+    run = tmp_path / "run"
+    r = run_cli("run", SMOKE, *RUN_TINY, "--set", "export.formats=[safetensors]", "--set", "bench.backends=[]",
+                "--out", str(run), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("eval", str(run / "teacher"), "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["metrics"]["n"] == 20
+    r = run_cli("train", "--resume", str(run / "teacher"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not (run / "teacher" / "student").exists()  # its network stays at teacher/
+    assert (tmp_path / "runs" / "latest").resolve() == run.resolve()  # a teacher never becomes latest
+
+
+def test_export_json_names_files_relative_to_the_run(tmp_path, teacher_weights):
+    r = _distill(tmp_path, teacher_weights)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("export", "run", "--format", "onnx", cwd=tmp_path)  # a relative RUN
+    assert r.returncode == 0, r.stderr
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    r = run_cli("export", str(tmp_path / "run"), "--format", "onnx", "--precision", "fp16", cwd=other)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "run" / "export.json").read_text())
+    assert doc["artifacts"]["onnx"] == "export/model.onnx" and doc["artifacts"]["onnx_fp16"] == "export/model.fp16.onnx"
+    assert "| onnx | `export/model.onnx` |" in (tmp_path / "run" / "MODEL_CARD.md").read_text()
+
+
+def test_damaged_reports_and_metrics_do_not_block_the_commands_that_rewrite_them(tmp_path, teacher_weights):
+    r = _distill(tmp_path, teacher_weights, "--set", "train.epochs=2")
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    (run / "bench.json").write_text('{"latency_ms": {')
+    r = run_cli("bench", str(run), "--batch-sizes", "1", "--iters", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "bench.json").read_text())["latency_ms"]
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(rows[:1] + ['{"epoch": 1, "st'] + rows[1:]) + "\n")
+    r = run_cli("distill", "--resume", str(run), "--amend", "--set", "train.epochs=3", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    _exactly_once(run, epochs=3, steps=2)
+
+
+def test_bench_of_a_run_whose_recipe_skips_bench_measures_the_defaults(tmp_path, teacher_weights):
+    r = _distill(tmp_path, teacher_weights, "--set", "bench.backends=[]")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("bench", str(tmp_path / "run"), "--batch-sizes", "1", "--iters", "2", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "torch" in json.loads(r.stdout)["latency_ms"]
+
+
+def test_usage_errors_still_print_one_json_document(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from distillctl import cli
+
+    monkeypatch.setattr(sys, "argv", ["distillctl", "bench", str(tmp_path), "--threads", "x", "--json"])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 2
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["command"] == "bench" and doc["exit_code"] == 2 and "--threads" in doc["error"]

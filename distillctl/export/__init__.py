@@ -37,13 +37,12 @@ previous artifact under the final name is removed, so a final name always means 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..errors import BadInput, GateFailed
+from ..errors import BadInput, DistillError, GateFailed
 from ..recipe import parse_dynamic_batch
 from ..run import EXPORT_JSON, Run, sidecar_of
 
@@ -130,9 +129,17 @@ def check_options(precision, max_parity_diff, min_top1, max_latency_ms, opset) -
 
 
 def staged(final: Path) -> Path:
-    """The name an artifact is built under until its gates pass: ``model.onnx`` -> ``model.staged.onnx``."""
+    """The name an artifact is built under until its gates pass: ``model.onnx`` -> ``model.staged.onnx``.
+
+    Tracked like a temporary: if the export ends before ``_settle`` names it, it is removed (and its sidecar).
+    """
+    from ..files import track
+
     final = Path(final)
-    return final.with_name(f"{final.stem}.staged{final.suffix}")
+    path = final.with_name(f"{final.stem}.staged{final.suffix}")
+    track(path)
+    track(sidecar_of(path))
+    return path
 
 
 def _settle(run: Run, art, final: Optional[Path], passed: bool) -> Path:
@@ -140,13 +147,15 @@ def _settle(run: Run, art, final: Optional[Path], passed: bool) -> Path:
 
     Artifacts built in place (the student folder, which is the training output) stay where they are.
     """
+    from ..files import commit
+
     src = Path(art.path)
     if final is None:
         return src
     dest = final if passed else run.failed_file(final)
-    os.replace(src, dest)
+    commit(src, dest)
     if sidecar_of(src).exists():
-        os.replace(sidecar_of(src), sidecar_of(dest))
+        commit(sidecar_of(src), sidecar_of(dest))
     if not passed:  # a final name always means "passed its gates"
         Path(final).unlink(missing_ok=True)
         sidecar_of(final).unlink(missing_ok=True)
@@ -162,6 +171,12 @@ def _track_artifacts(run: Run, paths: dict) -> None:
                            resume_step=max(steps, default=0), store_dir=run.root)
     with tracker:
         tracker.log_artifacts({n: Path(p) for n, p in paths.items()})
+
+
+def _relative_info(run: Run, info: dict) -> dict:
+    """A builder's facts with the file paths it names made relative to the run folder."""
+    return {k: run.relative(v) if k in ("path", "sidecar", "source_onnx", "timing_cache") and isinstance(v, str)
+            else v for k, v in info.items()}
 
 
 def export_run(run: Run, formats: list[str], *, precision: Optional[str] = None, dynamic_batch: Optional[str] = None,
@@ -212,6 +227,10 @@ def export_run(run: Run, formats: list[str], *, precision: Optional[str] = None,
     for name in order:  # fail on a missing capability before minutes of work
         if table[name].check:
             table[name].check(device)
+    if recipe.tracking.backends:
+        from ..tracking import require_backends
+
+        require_backends(recipe.tracking)
 
     with run.writing():
         t0 = time.perf_counter()
@@ -286,12 +305,12 @@ def export_run(run: Run, formats: list[str], *, precision: Optional[str] = None,
         for name, art in job.artifacts.items():
             paths[name] = _settle(run, art, finals[name], name not in bad_artifacts)
 
-        previous = run.read_json(EXPORT_JSON) or {}
-        result = {
-            "run_dir": str(run.root),
-            "artifacts": {**previous.get("artifacts", {}),
-                          **{n: str(p) for n, p in paths.items() if n not in bad_artifacts}},
-            "failed_artifacts": {n: str(paths[n]) for n in sorted(bad_artifacts)},
+        previous = run.read_report(EXPORT_JSON) or {}
+        # export.json names files relative to the run folder (the folder can move; any cwd reads it)
+        rel = {n: run.relative(p) for n, p in paths.items()}
+        stored = {
+            "artifacts": {**previous.get("artifacts", {}), **{n: r for n, r in rel.items() if n not in bad_artifacts}},
+            "failed_artifacts": {n: rel[n] for n in sorted(bad_artifacts)},
             "parity": {**previous.get("parity", {}), **par},
             "metrics": {**previous.get("metrics", {}), **metrics},
             "latency_ms": {primary: {"1": {k: lat[k] for k in ("p50", "p90", "p99", "mean")}}},  # bench's shape
@@ -299,7 +318,8 @@ def export_run(run: Run, formats: list[str], *, precision: Optional[str] = None,
             "precision": precision, "dynamic_batch": dynamic_batch, "device": str(torch_device),
             "providers": {**previous.get("providers", {}), "torch": reference.provider,
                           **{n: a.predictor.provider for n, a in job.artifacts.items() if a.predictor is not None}},
-            "details": {**previous.get("details", {}), **{n: a.info for n, a in job.artifacts.items()}},
+            "details": {**previous.get("details", {}), **{n: _relative_info(run, a.info)
+                                                          for n, a in job.artifacts.items()}},
             "gates": [g for g in previous.get("gates", []) if g["artifact"] not in job.artifacts] +
                      [{"gate": g.name, "artifact": g.artifact, "value": g.value, "limit": g.limit, "op": g.op,
                        "passed": g.passed} for g in gates],
@@ -307,21 +327,28 @@ def export_run(run: Run, formats: list[str], *, precision: Optional[str] = None,
             "export_s": round(time.perf_counter() - t0, 2),
             "recipe_hash": recipe.hash(), "versions": versions(),
         }
-        for name in list(result["artifacts"]):  # drop entries whose file this export removed
-            if name in bad_artifacts or not Path(result["artifacts"][name]).exists():
-                result["artifacts"].pop(name)
+        for name in list(stored["artifacts"]):  # drop entries whose file this (or a later) export removed
+            if name in bad_artifacts or not run.resolve(stored["artifacts"][name]).exists():
+                stored["artifacts"].pop(name)
         for name in [n for n in paths if n.startswith("trt") and n not in bad_artifacts]:
             if sidecar_of(paths[name]).exists():
-                result["artifacts"][f"{name}_sidecar"] = str(sidecar_of(paths[name]))
+                stored["artifacts"][f"{name}_sidecar"] = run.relative(sidecar_of(paths[name]))
         if write_card:
-            result["artifacts"]["model_card"] = str(run.card_file)
-        run.write_json(EXPORT_JSON, result)
+            stored["artifacts"]["model_card"] = run.relative(run.card_file)
+        run.write_json(EXPORT_JSON, stored)
         if write_card:
             from .card import write_model_card
 
             write_model_card(run)
         if recipe.tracking.backends:
-            _track_artifacts(run, {n: p for n, p in paths.items() if n not in bad_artifacts})
+            try:
+                _track_artifacts(run, {n: p for n, p in paths.items() if n not in bad_artifacts})
+            except DistillError as err:  # the export is done and proven: tracking is a report, not a gate
+                log.warning(f"warning: the artifacts were not sent to the tracker: {err.message}")
+    # the document names files as the caller named the run folder
+    result = {**stored, "run_dir": str(run.root),
+              "artifacts": {n: str(run.resolve(r)) for n, r in stored["artifacts"].items()},
+              "failed_artifacts": {n: str(run.resolve(r)) for n, r in stored["failed_artifacts"].items()}}
     if failed:
         raise GateFailed("export gate failed: " + "; ".join(g.describe() for g in failed)
                          + f". Failing artifacts are kept as *.failed.*; figures are in {run.path(EXPORT_JSON)}.",

@@ -213,7 +213,8 @@ def run_bench(targets: list, *, batch_sizes: Optional[list[int]] = None, backend
     torch.set_num_threads(threads)
     try:
         for t in resolved:
-            wanted = list(backends if explicit else t.bench.backends)
+            # `bench.backends: []` only skips the bench stage of `run`; asked for, bench uses the defaults
+            wanted = list(backends if explicit else (t.bench.backends or BenchConfig().backends))
             for base in ("onnxruntime", "trt"):  # every precision the run exported for a backend asked for
                 if base in wanted:
                     extra = [f"{base}_{p}" for p in ("fp16", "int8") if f"{base}_{p}" in t.sources]
@@ -268,6 +269,10 @@ def run_bench(targets: list, *, batch_sizes: Optional[list[int]] = None, backend
         if base_key in latency and key != base_key:
             speedup[key] = {b: round(latency[base_key][b]["p50"] / v["p50"], 3)
                             for b, v in per.items() if b in latency[base_key]}
+    if not latency:
+        raise BadInput("nothing could be measured: " + ("; ".join(f"{k}: {v}" for k, v in skipped.items())
+                                                     or "no backend applies to the targets")
+                       + ". The previous bench.json, if any, is unchanged")
     load = interference(latency, load_before, cpu_load(), threads)
     if load["contaminated"]:
         log.warning("warning: the timings look disturbed by other load (" + "; ".join(load["reasons"]) +

@@ -70,8 +70,8 @@ def write_model_card(run: Run) -> Path:
     recipe = run.recipe
     manifest = run.manifest
     cfg = run.student_config() if run.student_weights.is_file() else {}
-    export = run.read_json(EXPORT_JSON)
-    bench = run.read_json(BENCH_JSON)
+    export = run.read_report(EXPORT_JSON)
+    bench = run.read_report(BENCH_JSON)
     rows = run.metrics_rows()
     curves = write_curves(rows, run.curves_png)
 
@@ -117,7 +117,7 @@ def write_model_card(run: Run) -> Path:
             p = export["parity"].get(name)
             prec = next((q for q in ("fp16", "int8") if name.endswith(q)), "fp32")
             if p:
-                par_rows.append([name, f"`{run.relative(path)}`",
+                par_rows.append([name, f"`{path}`",  # export.json names files relative to the run folder
                                  prec, f"{p['max_abs_diff']:.3g}", f"{p['mean_abs_diff']:.3g}",
                                  _pct(p["top1_agreement"]), f"{p.get('tolerance', float('nan')):.3g}",
                                  export.get("providers", {}).get(name, "")])

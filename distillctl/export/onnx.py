@@ -349,7 +349,8 @@ def build(job) -> list:
                                   count=ex.int8_calibration_images, target=target)
             job.log(f"  {key}: {run.relative(final8)} ({info8['bytes'] / 1e6:.1f} MB, {info8['method']} calibration "
                     f"on {info8['count']} training images, {info8['size_ratio']:.2f}x the FP32 size)")
-            predictor = OrtPredictor(dest8, job.device, name=key) if target == "onnxruntime" else None
+            # the TensorRT encoding runs in ONNX Runtime too (slowly on CPU): it is gated like every artifact
+            predictor = OrtPredictor(dest8, job.device, name=key)
             out.append(Artifact(key, dest8, "int8", predictor, {**info8, "final": final8}))
     for a in out:
         a.info["provider"] = a.predictor.provider if a.predictor is not None else None

@@ -177,12 +177,13 @@ def build_engine(onnx_fp32: Path, onnx_fp16: Optional[Path], dest: Path, *, prec
     sidecar = {
         "format": "tensorrt-plan", "tensorrt": trt.__version__, **_device_info(),
         "precision": precision, "strongly_typed": strongly_typed or _major(trt) >= 11,
-        "source_onnx": str(src), "engine_sha256": hashlib.sha256(data).hexdigest(),
+        # file names only: the sidecar travels with the engine (and src may still carry its staging name)
+        "source_onnx": Path(src).name.replace(".staged.", "."), "engine_sha256": hashlib.sha256(data).hexdigest(),
         "quantization": "explicit (Q/DQ from the ONNX file)" if precision == "int8" else None,
         "profile": {inp.name: {k: list(v) for k, v in shapes.items()}}, "dynamic_batch": f"{lo}:{opt}:{hi}",
         "input_name": inp.name, "output_name": network.get_output(0).name,
         "workspace_gib": workspace_gib, "builder_optimization_level": opt_level,
-        "timing_cache": str(timing_cache), "timing_cache_reused": cache_reused,
+        "timing_cache": Path(timing_cache).name, "timing_cache_reused": cache_reused,
         "build_s": round(time.perf_counter() - t0, 2), **metadata,
     }
     atomic_write_json(sidecar_of(dest), sidecar)
