@@ -250,7 +250,6 @@ RANGE_CASES = [
     ("bench.threads=100000", "bench.threads"),
     ("bench.warmup=-1", "bench.warmup"),
     ("bench.iters=0", "bench.iters"),
-    ("bench.backends=[]", "bench.backends"),
     ("export.parity_images=0", "export.parity_images"),
     ("export.parity_images=100000000", "export.parity_images"),
     ("export.dynamic_batch=1:8:99999999", "export.dynamic_batch"),
