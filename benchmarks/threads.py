@@ -143,7 +143,8 @@ def main(argv=None) -> dict:
     cells: dict = {}
     for _ in range(a.rounds):
         for load in ("quiet", "busy"):
-            hog = subprocess.Popen(["sh", "-c", "yes > /dev/null"]) if load == "busy" else None
+            # `yes` itself (not a shell around it): killing it must stop the competitor
+            hog = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL) if load == "busy" else None
             try:
                 for name in names:
                     env_extra, threads = POLICIES[name]
