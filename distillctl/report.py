@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import traceback
 from typing import Callable
 
@@ -131,8 +132,25 @@ def _stdout_to_stderr(enabled: bool):
         os.close(saved_fd)
 
 
+_PENDING: list[int] = []  # signals turned into KeyboardInterrupt and not yet caught by execute()
+
+
 def _sigterm_as_interrupt(signum, frame):
+    _PENDING.append(signum)
     raise KeyboardInterrupt
+
+
+def _redeliver_swallowed(previous):
+    """An unraisable hook: Python drops an exception raised inside a finaliser or an import-lock callback
+    ("Exception ignored in ..."), and a signal's KeyboardInterrupt raised there would be lost, letting
+    an interrupted command run on to exit 0. Such a loss sends the same signal again, from a timer
+    thread, so the handler runs once more at the main thread's next ordinary step."""
+    def hook(info):
+        if isinstance(info.exc_value, KeyboardInterrupt) and _PENDING:
+            threading.Timer(0.01, os.kill, (os.getpid(), _PENDING[-1])).start()
+            return
+        previous(info)
+    return hook
 
 
 def execute(command: str, json_out: bool, fn: Callable[[], dict], human: Callable[[dict], str] | None = None):
@@ -143,11 +161,15 @@ def execute(command: str, json_out: bool, fn: Callable[[], dict], human: Callabl
 
     setup_logging()
     code, body, error = 0, {}, None
-    old_term = None
+    old_term = old_int = None
+    _PENDING.clear()
     try:
         old_term = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            old_int = signal.signal(signal.SIGINT, _sigterm_as_interrupt)
     except ValueError:  # not the main thread (embedded use)
         pass
+    old_hook, sys.unraisablehook = sys.unraisablehook, _redeliver_swallowed(sys.unraisablehook)
     try:
         with _stdout_to_stderr(json_out):
             try:
@@ -157,6 +179,7 @@ def execute(command: str, json_out: bool, fn: Callable[[], dict], human: Callabl
                 if isinstance(err.details, dict):  # e.g. a failed gate's figures (parity, metrics, gates)
                     body = err.details
             except KeyboardInterrupt:
+                _PENDING.clear()
                 code, error = 130, "interrupted (Ctrl-C or SIGTERM); temporary files were removed"
             except typer.Exit:
                 raise
@@ -171,8 +194,11 @@ def execute(command: str, json_out: bool, fn: Callable[[], dict], human: Callabl
             finally:
                 cleanup_temps()
     finally:
+        sys.unraisablehook = old_hook
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+        if old_int is not None:
+            signal.signal(signal.SIGINT, old_int)
     if error:
         from .recipe import clip
 

@@ -298,3 +298,29 @@ def test_compare_with_a_failed_method_is_not_exit_0(tmp_path, teacher_weights):
     rows = {row["method"]: row for row in json.loads(r.stdout)["rows"]}
     assert rows["ce"]["status"] == "ok" and rows["kd"]["status"] == "error"
     assert (tmp_path / "cmp" / "compare.md").is_file()  # the table is still written
+
+
+def test_sigterm_swallowed_by_a_finaliser_still_interrupts(capsys):
+    """Python drops an exception raised in a finaliser; a SIGTERM landing there must still end the command 130."""
+    import typer
+
+    from distillctl import report
+
+    reached = []
+
+    class Finalised:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs here, inside __del__: its KeyboardInterrupt is dropped
+                pass
+
+    def fn():
+        Finalised()  # collected at once
+        time.sleep(3)  # the re-sent signal interrupts this
+        reached.append(True)
+        return {"done": True}
+
+    with pytest.raises(typer.Exit) as info:
+        report.execute("export", True, fn)
+    assert info.value.exit_code == 130 and not reached
+    assert json.loads(capsys.readouterr().out)["exit_code"] == 130

@@ -3,6 +3,9 @@
 Thresholds come from measurements on this student (notes/export.md, 60 SGD steps, 256 calibration
 images, minmax): FP32 top-1 0.9805; ONNX Runtime target 0.9777 (max |logit diff| 0.021 of the logit
 scale, top-1 agreement 0.992); TensorRT target 0.9749 (0.027, 0.994). Bounds below leave about 3x.
+Re-measured on an AVX2-only CPU (no VNNI), where this environment trains a slightly different student
+(FP32 0.9749): 7-bit ONNX Runtime weights 0.9666 (0.022, 0.992); full-range weights there gave 0.964
+agreement and 0.27 (the u8s8 saturation this test now catches); TensorRT encoding, simulated, 0.9749.
 """
 from __future__ import annotations
 
@@ -43,8 +46,11 @@ def student(tmp_path_factory):
             "yv": np.concatenate([y for _, y in val])}
 
 
-def _logits(path, x):
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def _logits(path, x, simulate_qdq=False):
+    so = ort.SessionOptions()
+    if simulate_qdq:  # TensorRT's numbers: Q/DQ as float fake-quant, not ORT's saturating x86 u8s8 kernels
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     assert sess.get_providers() == ["CPUExecutionProvider"]
     return np.concatenate([sess.run(None, {"input": x[i:i + 128]})[0] for i in range(0, len(x), 128)])
 
@@ -135,7 +141,7 @@ def test_metadata_keeps_fp32_facts_and_adds_calibration(student, quantized):
 def test_int8_top1_and_parity_close_to_fp32(student, fp32_logits, quantized):
     target, dest, _ = quantized
     y = student["yv"]
-    logits = _logits(dest, student["xv"])
+    logits = _logits(dest, student["xv"], simulate_qdq=target == "tensorrt")
     top1_32 = (fp32_logits.argmax(1) == y).mean()
     top1_8 = (logits.argmax(1) == y).mean()
     assert top1_32 > 0.9  # trained: agreement is meaningful

@@ -349,8 +349,9 @@ def build(job) -> list:
                                   count=ex.int8_calibration_images, target=target)
             job.log(f"  {key}: {run.relative(final8)} ({info8['bytes'] / 1e6:.1f} MB, {info8['method']} calibration "
                     f"on {info8['count']} training images, {info8['size_ratio']:.2f}x the FP32 size)")
-            # the TensorRT encoding runs in ONNX Runtime too (slowly on CPU): it is gated like every artifact
-            predictor = OrtPredictor(dest8, job.device, name=key)
+            # the TensorRT encoding runs in ONNX Runtime too (slowly, as float fake-quantization, the way
+            # TensorRT computes it): it is gated like every artifact
+            predictor = OrtPredictor(dest8, job.device, name=key, simulate_qdq=target == "tensorrt")
             out.append(Artifact(key, dest8, "int8", predictor, {**info8, "final": final8}))
     for a in out:
         a.info["provider"] = a.predictor.provider if a.predictor is not None else None

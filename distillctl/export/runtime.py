@@ -112,12 +112,16 @@ def ort_plan(device: str) -> tuple[list, bool]:
 
 
 def create_session(path: Path, device: str = "auto", *, threads: Optional[int] = None, fp32_exact: bool = True,
-                   spinning: Optional[bool] = None):
+                   spinning: Optional[bool] = None, simulate_qdq: bool = False):
     """An InferenceSession whose provider is checked: ONNX Runtime falls back to CPU silently otherwise.
 
     ``spinning=False`` stops idle intra-op threads from busy-waiting after each run: when ONNX Runtime
     shares cores with another runtime (the interleaved benchmark), their spinning would be timed as
     the other runtime's latency.
+
+    ``simulate_qdq=True`` turns graph optimisations off, so QuantizeLinear/DequantizeLinear run as
+    float fake-quantization instead of being fused into ONNX Runtime's integer kernels: the numbers
+    another runtime (TensorRT) computes from the same file, free of the x86 u8s8 saturation.
 
     Returns ``(session, provider_used, fell_back)``.
     """
@@ -129,6 +133,8 @@ def create_session(path: Path, device: str = "auto", *, threads: Optional[int] =
     so = ort.SessionOptions()
     so.log_severity_level = 3  # the provider-load failure is reported by us, below, not as C++ log noise
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if simulate_qdq:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
@@ -157,11 +163,11 @@ class OrtPredictor(Predictor):
     name = "onnxruntime"
 
     def __init__(self, path: Path, device: str = "auto", *, threads: Optional[int] = None, name: str = "onnx",
-                 spinning: Optional[bool] = None):
+                 spinning: Optional[bool] = None, simulate_qdq: bool = False):
         self.path = Path(path)
         self.name = name
         self.session, self.provider, self.fell_back = create_session(self.path, device, threads=threads,
-                                                                     spinning=spinning)
+                                                                     spinning=spinning, simulate_qdq=simulate_qdq)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 
