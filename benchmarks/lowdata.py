@@ -12,6 +12,7 @@ overrides to every student run, ``--teacher-set`` to the teacher's.
     python benchmarks/lowdata.py --methods ce,kd,dkd,ofa,hcd --seeds 3
     python benchmarks/lowdata.py --set train.epochs=40 --set train.warmup_epochs=2  # every run
     python benchmarks/lowdata.py --methods ce,hcd,hcd:stage_reduce=mean:w_sdd=1  # a method variant
+    python benchmarks/lowdata.py --init pytorch   # ablation: training-only modules keep PyTorch's default init
 """
 from __future__ import annotations
 
@@ -69,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--retrain-teacher", action="store_true", help="ignore a teacher already trained under --out")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared small CPU)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--init", choices=["reference", "pytorch"], default="reference",
+                   help="initialisation of the training-only modules: the authors' (what distillctl does) or, "
+                        "as an ablation, PyTorch's per-layer defaults (the first version's behaviour)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     return p.parse_args(argv)
 
@@ -88,6 +92,10 @@ def main(argv=None) -> dict:
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.init == "pytorch":  # ablation only: skip the one place where the reference init is applied
+        from distillctl.methods.base import Distiller
+
+        Distiller.init_training_modules = lambda self: None
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m.split(":")[0] not in registry.names()]
     if unknown:
@@ -163,7 +171,7 @@ def main(argv=None) -> dict:
         "setting": {"dataset": "digits", "per_class": a.per_class, "seeds": a.seeds,
                     "teacher": BASE["teacher"]["model"], "teacher_kwargs": BASE["teacher"]["kwargs"],
                     "student": BASE["student"]["model"], "image_size": recipe.data.image_size,
-                    "epochs": recipe.train.epochs,
+                    "epochs": recipe.train.epochs, "init": a.init,
                     "overrides": a.overrides, "teacher_overrides": a.teacher_overrides},
         "teacher_top1": teacher_top1,
         "methods": {m: {"top1": v, "status": states[m], **_mean_std([x for x in v if x is not None]),
@@ -217,7 +225,7 @@ def print_table(res: dict) -> None:
     s = res["setting"]
     print(f"# low-data digits: {s['per_class']} images/class, {s['seeds']} seeds (paired across methods), "
           f"{s['teacher']} teacher (full split, top1 {res['teacher_top1']:.4f}) -> {s['student']} {s['image_size']} px, "
-          f"{s['epochs']} epochs; overrides {s['overrides'] or 'none'}; total {res['total_s'] / 60:.1f} min")
+          f"{s['epochs']} epochs; {s['init']} init; overrides {s['overrides'] or 'none'}; total {res['total_s'] / 60:.1f} min")
     w = max([8] + [len(m) for m in res["methods"]])
     print(f"{'method':<{w}} {'top1 mean':>10} {'std':>7} {'vs ce (paired)':>16} {'s/run':>6}  per seed")
     for m, v in res["methods"].items():
