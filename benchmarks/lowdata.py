@@ -74,11 +74,18 @@ def parse_args(argv=None):
                    help="initialisation of the training-only modules: the authors' (what distillctl does) or, "
                         "as an ablation, PyTorch's per-layer defaults (the first version's behaviour)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                   help="print one table from several results.json of the same setting (methods run in separate "
+                        "processes, e.g. one per core) and train nothing")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    if a.merge:
+        result = merge_results([json.loads(Path(f).read_text()) for f in a.merge])
+        print(json.dumps(result, indent=2)) if a.json else print_table(result)
+        return result
     out = Path(a.out).resolve()
     # keep benchmark runs out of the user's runs/latest
     os.environ.setdefault("DISTILLCTL_RUNS", str(out))
@@ -192,6 +199,34 @@ def main(argv=None) -> dict:
     else:
         print_table(result)
     return result
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """One result from runs of the same setting: methods joined (a method in two parts must agree seed by
+    seed: the runs are deterministic), the paired differences to ce recomputed."""
+    keys = ("dataset", "per_class", "seeds", "teacher", "student", "image_size", "epochs", "init", "overrides")
+    first = parts[0]
+    for other in parts[1:]:
+        diff = [k for k in keys if other["setting"].get(k) != first["setting"].get(k)]
+        if diff:
+            sys.exit(f"cannot merge results of different settings (they differ in {diff})")
+    methods: dict = {}
+    for part in parts:
+        for m, v in part["methods"].items():
+            if m in methods and methods[m]["top1"] != v["top1"]:
+                print(f"[lowdata] {m} differs between the merged results: {methods[m]['top1']} vs {v['top1']}; "
+                      "keeping the first", file=sys.stderr)
+            methods.setdefault(m, dict(v))
+    ce = methods.get("ce", {}).get("top1")
+    for v in methods.values():
+        v.pop("vs_ce_mean", None), v.pop("vs_ce_std", None)
+        d = [x - c for x, c in zip(v["top1"], ce or []) if x is not None and c is not None]
+        if d:
+            st = _mean_std(d)
+            v["vs_ce_mean"], v["vs_ce_std"] = st["mean"], st["std"]
+    return {"setting": first["setting"], "teacher_top1": first["teacher_top1"], "methods": methods,
+            "total_s": sum(p["total_s"] for p in parts), "teacher_s": first["teacher_s"],
+            "merged_from": len(parts)}
 
 
 def _mean_std(v: list[float]) -> dict:

@@ -283,11 +283,19 @@ def compare(recipe_path: str, methods: list[str], overrides: list[str], out_dir:
     atomic_write_json(out / JSON_FILE, doc)
     broken = [r for r in rows if r["status"] != "ok"]
     if broken:  # a comparison with a failed row is not a result to pass on: exit with the row's code
-        text = ("compare: " + "; ".join(f"{r['method']} {r['status']} ({r['error'][:160]})" for r in broken)
-                + f". The table marks them; see {out / TABLE_FILE}")
+        text = ("compare: " + "; ".join(f"{r['method']} {r['status']} ({_brief(r['error'])})" for r in broken)
+                + f". The table marks them; see {out / TABLE_FILE} (full messages in {out / JSON_FILE})")
         if any(r["status"] in ("collapsed", "diverged") for r in broken):
             raise Diverged(text, details=doc)
         err = DistillError(text, details=doc)
         err.exit_code = broken[0].get("exit_code") or 1
         raise err
     return doc
+
+
+def _brief(message: str, limit: int = 200) -> str:
+    """A row's error for the one-line summary: whole when short, else cut at a word boundary with '...'."""
+    text = " ".join(str(message).split())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."

@@ -198,13 +198,35 @@ def _per_class_subset(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 
 def load_digits_tensors(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's bundled digits (1797 real 8x8 scans, 10 classes) as uint8 ``[N, 3, size, size]``."""
+    images, target = digits_arrays()
+    x = torch.from_numpy(images).float().div_(16.0).unsqueeze(1)  # [N, 1, 8, 8] in [0, 1]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    return x, torch.from_numpy(target).long()
+
+
+def digits_arrays():
+    """The digits scans ``[1797, 8, 8]`` (values 0..16) and labels, read from the file scikit-learn ships.
+
+    ``import sklearn.datasets`` costs 1.5-3 s on the project's 2-core machines (scipy and the rest of
+    scikit-learn), a tenth of the quickstart; the data is one small gzipped CSV (64 pixels then the label per
+    row), so it is read directly from the installed package without importing it. Where that file is not
+    found (another scikit-learn layout), ``sklearn.datasets.load_digits`` is the fallback.
+    """
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if path is not None and path.is_file():
+        table = np.loadtxt(path, delimiter=",")  # numpy opens .gz itself
+        if table.ndim == 2 and table.shape[1] == 65:
+            return table[:, :64].reshape(-1, 8, 8), table[:, 64].astype(np.int64)
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = torch.from_numpy(d.images).float().div_(16.0).unsqueeze(1)  # [N, 1, 8, 8] in [0, 1]
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    x = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-    return x, torch.from_numpy(d.target).long()
+    return d.images, d.target.astype(np.int64)
 
 
 def synthetic_tensors(n: int, num_classes: int, size: int, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:

@@ -144,3 +144,35 @@ def test_interference_is_flagged_from_load_and_spread():
     assert interference(tight, busy, busy, threads=1)["contaminated"] is False  # a free core was left for it
     r = interference(wide, quiet, quiet, threads=2)
     assert r["contaminated"] and r["p90_over_p50"] == {"torch[1]": 2.0}
+
+
+def _lowdata():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import lowdata
+    finally:
+        sys.path.pop(0)
+    return lowdata
+
+
+def test_lowdata_results_of_separate_processes_merge_into_one_paired_table():
+    lowdata = _lowdata()
+    setting = {"dataset": "digits", "per_class": 10, "seeds": 2, "teacher": "t", "student": "s", "image_size": 16,
+               "epochs": 60, "init": "reference", "overrides": []}
+
+    def part(methods):
+        return {"setting": dict(setting), "teacher_top1": 0.98, "total_s": 10.0, "teacher_s": 1.0,
+                "methods": {m: {"top1": v, "status": ["ok" if x else "Collapsed" for x in v]} for m, v in methods.items()}}
+
+    merged = lowdata.merge_results([part({"ce": [0.90, 0.94], "kd": [0.95, 0.97]}),
+                                    part({"ce": [0.90, 0.94], "hcd": [0.96, None]})])
+    assert list(merged["methods"]) == ["ce", "kd", "hcd"] and merged["total_s"] == 20.0
+    assert merged["methods"]["kd"]["vs_ce_mean"] == pytest.approx(0.04)
+    assert merged["methods"]["hcd"]["vs_ce_mean"] == pytest.approx(0.06)  # only the seed where both finished
+    other = part({"ce": [0.9, 0.9]})
+    other["setting"]["init"] = "pytorch"
+    with pytest.raises(SystemExit, match="init"):
+        lowdata.merge_results([part({"ce": [0.9, 0.9]}), other])

@@ -64,3 +64,17 @@ def test_augment_pad_crop_is_an_exact_shift_and_flip_mirrors():
     n_flip = sum(torch.allclose(flipped[i], x[i].flip(-1), atol=1e-5) for i in range(64))
     n_same = sum(torch.allclose(flipped[i], x[i], atol=1e-5) for i in range(64))
     assert n_flip + n_same == 64 and 16 < n_flip < 48
+
+
+def test_digits_read_from_the_shipped_file_equal_sklearns_loader():
+    """The digits come from scikit-learn's data file without importing scikit-learn (1.5-3 s of the
+    quickstart); the arrays are exactly what ``load_digits`` returns."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from distillctl.data import digits_arrays
+
+    images, target = digits_arrays()
+    ref = load_digits()
+    assert images.shape == (1797, 8, 8) and np.array_equal(images, ref.images)
+    assert np.array_equal(target, ref.target) and sorted(set(target.tolist())) == list(range(10))

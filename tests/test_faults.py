@@ -324,3 +324,13 @@ def test_sigterm_swallowed_by_a_finaliser_still_interrupts(capsys):
         report.execute("export", True, fn)
     assert info.value.exit_code == 130 and not reached
     assert json.loads(capsys.readouterr().out)["exit_code"] == 130
+
+
+def test_compare_summary_cuts_a_long_row_message_at_a_word():
+    from distillctl.compare import _brief
+
+    msg = "training ended collapsed: student top-1 0.1000 is at chance level " * 6
+    short = _brief(msg, limit=100)
+    assert len(short) <= 104 and short.endswith(" ...") and msg.startswith(short[:-4])
+    assert msg.split()[len(short[:-4].split()) - 1] == short[:-4].split()[-1]  # the last word is whole
+    assert _brief("  a  short\nmessage ") == "a short message"

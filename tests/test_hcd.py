@@ -94,7 +94,7 @@ def test_registered_and_defaults():
     c = HCDConfig()
     assert (c.num_sub_logits, c.stages, c.ol_threshold, c.temperature) == (4, [1, 2, 3, 4], 0.5, 1.0)
     assert (c.w_kd, c.w_sdd, c.w_ol) == (1.0, 6.0, 1.0)
-    assert (c.cfm_hidden, c.detach_targets, c.stage_reduce, c.ol_mask) == (None, False, "sum", "zero")
+    assert (c.cfm_hidden, c.detach_targets, c.stage_reduce, c.ol_mask) == (None, False, "mean", "zero")
     assert (c.use_sdd, c.use_ol, c.fuse_student_weight, c.fuse_teacher_weight) == (True, True, 1.0, 1.0)
     assert HCDConfig(stages=[4, 2]).stages == [2, 4]
 
