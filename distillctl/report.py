@@ -87,8 +87,10 @@ def summary_text(doc: dict) -> str:
         if torch1 and best[0] != "torch" and not (doc.get("load") or {}).get("contaminated"):
             ratio = f", {torch1['p50'] / best[2]['p50']:.1f}x PyTorch eager"
         lines.append(f"  latency: {best[0]} batch 1 p50 {best[2]['p50']:.2f} ms{ratio}")
-        if (doc.get("load") or {}).get("contaminated"):
-            lines.append("  (the machine was busy while timing: latency ratios are not reported)")
+        load = doc.get("load") or {}
+        if load.get("contaminated"):
+            why = "; ".join(load.get("reasons") or []) or "the machine was busy while timing"
+            lines.append(f"  (latency ratios are not reported: {why})")
     arts = doc.get("artifacts") or {}
     shown = [k for k in ("safetensors", "onnx", "onnx_fp16", "onnx_int8", "trt") if k in arts]
     for k in shown:

@@ -176,3 +176,14 @@ def test_lowdata_results_of_separate_processes_merge_into_one_paired_table():
     other["setting"]["init"] = "pytorch"
     with pytest.raises(SystemExit, match="init"):
         lowdata.merge_results([part({"ce": [0.9, 0.9]}), other])
+
+
+def test_end_summary_gives_the_ratio_only_from_a_clean_measurement_and_says_why_not():
+    from distillctl.report import summary_text
+
+    lat = {"torch": {"1": {"p50": 5.0}}, "onnxruntime": {"1": {"p50": 0.5}}}
+    clean = summary_text({"latency_ms": lat, "load": {"contaminated": False}})
+    assert "latency: onnxruntime batch 1 p50 0.50 ms, 10.0x PyTorch eager" in clean
+    why = "p90/p50 > 1.5 in onnxruntime[1] (2.05)"
+    dirty = summary_text({"latency_ms": lat, "load": {"contaminated": True, "reasons": [why]}})
+    assert "x PyTorch eager" not in dirty and f"latency ratios are not reported: {why}" in dirty
