@@ -41,6 +41,12 @@ BACKENDS = ("torch", "torch_compile", "onnxruntime", "trt")
 MIN_WARMUP_S = 0.2
 ROUNDS = 5  # blocks per backend: interleaved so a burst of load from elsewhere hits every backend
 SETTLE_S = 0.02
+# After a switch the first calls of a backend are slow (its thread pool slept through the other backend's
+# block): measured on a quiet 2-core machine, ONNX Runtime batch 1 with 30 timed calls in 5 blocks and one
+# untimed call after each switch had p90/p50 of 2.0 on every run (1.24 with 300 calls), which reads as
+# interference. These re-warm calls are not timed.
+REWARM_CALLS = 3
+REWARM_S = 0.005
 
 
 # ----------------------------------------------------------------------------- the harness
@@ -73,9 +79,13 @@ def measure_interleaved(fns: dict[str, Callable[[], None]], *, warmup: int, iter
             todo = min(per_block, iters - len(times[name]))
             if todo <= 0:
                 continue
-            if switch:
+            if switch:  # let the other backend's threads go quiet, then wake this one's before timing
                 time.sleep(SETTLE_S)
-                fn()
+                t_wake = time.perf_counter() + REWARM_S
+                for i in range(REWARM_CALLS):
+                    fn()
+                while time.perf_counter() < t_wake:
+                    fn()
             for _ in range(todo):
                 t0 = time.perf_counter_ns()
                 fn()
@@ -284,7 +294,7 @@ def run_bench(targets: list, *, batch_sizes: Optional[list[int]] = None, backend
         "device": device_info(torch_device, threads), "versions": versions(), "providers": providers,
         "load": load,
         "skipped": skipped, "compile_s": compile_s, "settings": {"batch_sizes": sizes, "warmup": warmup, "iters": iters, "threads": threads,
-                                         "rounds": ROUNDS, "settle_s": SETTLE_S,
+                                         "rounds": ROUNDS, "settle_s": SETTLE_S, "rewarm_calls": REWARM_CALLS, "rewarm_s": REWARM_S,
                                          "min_warmup_s": MIN_WARMUP_S, "ort_spinning": False},
     }
     files = {}
