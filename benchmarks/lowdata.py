@@ -87,7 +87,10 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     if a.merge:
         result = merge_results([json.loads(Path(f).read_text()) for f in a.merge])
-        print(json.dumps(result, indent=2)) if a.json else print_table(result)
+        if a.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print_table(result)
         return result
     out = Path(a.out).resolve()
     # keep benchmark runs out of the user's runs/latest
@@ -222,7 +225,8 @@ def merge_results(parts: list[dict]) -> dict:
             methods.setdefault(m, dict(v))
     ce = methods.get("ce", {}).get("top1")
     for v in methods.values():
-        v.pop("vs_ce_mean", None), v.pop("vs_ce_std", None)
+        for key in ("vs_ce_mean", "vs_ce_std"):
+            v.pop(key, None)
         d = [x - c for x, c in zip(v["top1"], ce or []) if x is not None and c is not None]
         if d:
             st = _mean_std(d)

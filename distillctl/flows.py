@@ -196,7 +196,10 @@ def execute(command: str, run: Run, body: Callable[[Run], dict], *, device: str)
 
 
 @contextmanager
-def stage(run: Run, name: str):
+def stage(run: Run, name: str, timings: Optional[dict] = None):
+    """One stage of `run` in the manifest: running, then completed or how it ended; with ``timings``, its
+    wall time on completion as ``timings[name + "_s"]``."""
+    t0 = time.perf_counter()
     try:  # the mark is inside the try: a signal right after it still records the stage as interrupted
         if _is_main():
             run.set_stage(name, "running")
@@ -207,6 +210,8 @@ def stage(run: Run, name: str):
         raise
     if _is_main():
         run.set_stage(name, "completed")
+    if timings is not None:
+        timings[f"{name}_s"] = time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- training
@@ -458,12 +463,10 @@ def full_run(run: Run, *, device: str = "auto", resume: bool = False, progress: 
     if "teacher" in stages:
         child = run.child(TEACHER_DIR)
         if "teacher" not in done:
-            t_stage = time.perf_counter()
-            with stage(run, "teacher"):
+            with stage(run, "teacher", timings):
                 run.mark_started_work()
                 child, teacher_doc = train_teacher(child.root, run.recipe, device=device, progress=progress,
                                                    label=labels["teacher"])
-            timings["teacher_s"] = time.perf_counter() - t_stage  # the stage's wall time, evaluation included
         _barrier()  # torchrun: the teacher's weights are rank 0's to write
         if not child.student_weights.is_file():
             raise BadInput(f"the teacher stage of {run.root} has no weights at {child.student_weights}")
@@ -472,37 +475,31 @@ def full_run(run: Run, *, device: str = "auto", resume: bool = False, progress: 
             timings["teacher_train_s"] = teacher_doc.get("timings", {}).get("train_s")
     distill_doc = None
     if "distill" not in done:
-        t_stage = time.perf_counter()
-        with stage(run, "distill"):
+        with stage(run, "distill", timings):
             distill_doc = distill_run(run, device=device, recipe=recipe, progress=progress, resume=resume,
                                       label=labels["distill"])
         timings["train_s"] = distill_doc.get("timings", {}).get("train_s")
-        timings["distill_s"] = time.perf_counter() - t_stage
     _barrier()
     if not _is_main():  # export, bench and the card are rank 0's
         return distill_doc or {}
     if "export" in stages and "export" not in done:
         from .export import export_run
 
-        t_stage = time.perf_counter()
-        with stage(run, "export"):
+        with stage(run, "export", timings):
             log.info(f"{labels['export']}: {', '.join(recipe.export.formats)}")
             export_run(run, list(recipe.export.formats), device=device, write_card=False)
-        timings["export_s"] = time.perf_counter() - t_stage
     if "bench" in stages and "bench" not in done:
         from .export.bench import run_bench
         from .run import Target
 
-        t_stage = time.perf_counter()
-        with stage(run, "bench"):
+        with stage(run, "bench", timings):
             log.info(f"{labels['bench']}: {', '.join(recipe.bench.backends)}")
             run_bench([Target("run", run.root, run)], device=device, write_card=False)
-        timings["bench_s"] = time.perf_counter() - t_stage
     from .export.card import write_model_card
 
-    t_stage = time.perf_counter()
+    t_card = time.perf_counter()
     card = write_model_card(run)
-    timings["card_s"] = time.perf_counter() - t_stage
+    timings["card_s"] = time.perf_counter() - t_card
     doc = summary(run)
     doc["artifacts"]["model_card"] = str(card)
     if distill_doc:

@@ -83,11 +83,11 @@ def summary_text(doc: dict) -> str:
     if cells:
         best = min(cells, key=lambda c: c[2]["p50"])
         torch1 = (lat.get("torch") or {}).get("1")
+        load = doc.get("load") or {}
         ratio = ""
-        if torch1 and best[0] != "torch" and not (doc.get("load") or {}).get("contaminated"):
+        if torch1 and best[0] != "torch" and not load.get("contaminated"):
             ratio = f", {torch1['p50'] / best[2]['p50']:.1f}x PyTorch eager"
         lines.append(f"  latency: {best[0]} batch 1 p50 {best[2]['p50']:.2f} ms{ratio}")
-        load = doc.get("load") or {}
         if load.get("contaminated"):
             why = "; ".join(load.get("reasons") or []) or "the machine was busy while timing"
             lines.append(f"  (latency ratios are not reported: {why})")

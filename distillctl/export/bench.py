@@ -82,7 +82,7 @@ def measure_interleaved(fns: dict[str, Callable[[], None]], *, warmup: int, iter
             if switch:  # let the other backend's threads go quiet, then wake this one's before timing
                 time.sleep(SETTLE_S)
                 t_wake = time.perf_counter() + REWARM_S
-                for i in range(REWARM_CALLS):
+                for _ in range(REWARM_CALLS):
                     fn()
                 while time.perf_counter() < t_wake:
                     fn()
