@@ -204,6 +204,9 @@ def stage(run: Run, name: str, timings: Optional[dict] = None):
         if _is_main():
             run.set_stage(name, "running")
         yield
+        from .report import raise_if_interrupted
+
+        raise_if_interrupted()  # a signal whose KeyboardInterrupt a library swallowed still ends the stage
     except BaseException as err:
         if _is_main():
             run.set_stage(name, status_of(err))

@@ -142,6 +142,14 @@ def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def raise_if_interrupted() -> None:
+    """Raise KeyboardInterrupt when a signal reached this command's handler but its KeyboardInterrupt never
+    came back up (swallowed by library code: a finaliser, a callback, a broad ``except``). Called where a
+    stage or a command would otherwise report success, so an interrupted command never ends 0."""
+    if _PENDING:
+        raise KeyboardInterrupt
+
+
 def _redeliver_swallowed(previous):
     """An unraisable hook: Python drops an exception raised inside a finaliser or an import-lock callback
     ("Exception ignored in ..."), and a signal's KeyboardInterrupt raised there would be lost, letting
@@ -176,6 +184,7 @@ def execute(command: str, json_out: bool, fn: Callable[[], dict], human: Callabl
         with _stdout_to_stderr(json_out):
             try:
                 body = fn() or {}
+                raise_if_interrupted()
             except DistillError as err:
                 code, error = err.exit_code, err.message
                 if isinstance(err.details, dict):  # e.g. a failed gate's figures (parity, metrics, gates)

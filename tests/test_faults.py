@@ -326,6 +326,45 @@ def test_sigterm_swallowed_by_a_finaliser_still_interrupts(capsys):
     assert json.loads(capsys.readouterr().out)["exit_code"] == 130
 
 
+def test_interrupt_caught_by_library_code_still_ends_the_stage_and_the_command_130(capsys, tmp_path):
+    """Library code that catches the KeyboardInterrupt of a real SIGINT and carries on (seen once in the
+    export stage) must not turn an interrupted command into exit 0: the stage ends interrupted, the command 130."""
+    import typer
+
+    from distillctl import report
+    from distillctl.flows import stage
+
+    from distillctl.recipe import load_recipe
+    from distillctl.run import Run
+
+    run = Run(tmp_path / "run", load_recipe(SMOKE))
+    run.root.mkdir()
+    run.create("export")
+
+    def swallowing_library():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt:  # e.g. a broad handler inside an exporter
+            pass
+        return "finished anyway"
+
+    def fn():
+        with stage(run, "export"):
+            swallowing_library()
+        return {"done": True}
+
+    with pytest.raises(typer.Exit) as info:
+        report.execute("export", True, fn)
+    assert info.value.exit_code == 130
+    assert Run(run.root).stage_status("export") == "interrupted"
+    assert json.loads(capsys.readouterr().out)["exit_code"] == 130
+
+    with pytest.raises(typer.Exit) as info:  # outside any stage: the command itself ends 130
+        report.execute("export", True, lambda: {"r": swallowing_library()})
+    assert info.value.exit_code == 130
+
+
 def test_compare_summary_cuts_a_long_row_message_at_a_word():
     from distillctl.compare import _brief
 
