@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 from .errors import BadInput, Collapsed, Diverged, DistillError, Interrupted
 from .recipe import Recipe, StudentConfig, apply_overrides, load_recipe, method_config, read_raw, validate_raw
+from .report import raise_if_interrupted
 from .run import AMENDABLE, TEACHER_DIR, Run, student_config
 
 log = logging.getLogger("distillctl")
@@ -204,8 +205,6 @@ def stage(run: Run, name: str, timings: Optional[dict] = None):
         if _is_main():
             run.set_stage(name, "running")
         yield
-        from .report import raise_if_interrupted
-
         raise_if_interrupted()  # a signal whose KeyboardInterrupt a library swallowed still ends the stage
     except BaseException as err:
         if _is_main():
