@@ -300,6 +300,8 @@ class BenchConfig(_Strict):
     backends: list[Literal["torch", "torch_compile", "onnxruntime", "trt"]] = Field(
         ["torch", "onnxruntime"], max_length=8, description="[] skips the bench stage of `distillctl run`")
     warmup: int = Field(10, ge=0, le=100_000)
+    warmup_s: float = Field(0.2, ge=0, le=600, description="and at least this many seconds of warm-up calls per "
+                            "backend and batch size (clocks and thread pools settle)")
     iters: int = Field(50, ge=1, le=1_000_000)
     threads: Optional[int] = Field(None, ge=1, le=MAX_THREADS, description="CPU threads for torch and ONNX Runtime")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -53,7 +54,21 @@ def test_latency_document_shape(bench):
         t, o = bench["latency_ms"]["torch"]["1"]["p50"], bench["latency_ms"]["onnxruntime"]["1"]["p50"]
         assert sp["1"] == pytest.approx(t / o, rel=1e-2)
     assert bench["settings"]["iters"] == 12 and bench["settings"]["rounds"] == 5
+    assert bench["settings"]["min_warmup_s"] == 0.02  # the recipe's bench.warmup_s
 
+
+def test_warmup_s_is_honoured():
+    """bench.warmup_s is the least warm-up time per backend: calls keep coming until it has passed."""
+    from distillctl.export import bench as bench_mod
+
+    calls = []
+    for warmup_s in (0.0, 0.05):
+        n = [0]
+        bench_mod.measure_interleaved({"f": lambda: (n.__setitem__(0, n[0] + 1), time.sleep(0.002))},
+                                      warmup=1, iters=1, min_warmup_s=warmup_s)
+        calls.append(n[0])
+    assert calls[0] == 2  # one warm-up call, one timed
+    assert calls[1] >= 10  # 0.05 s of 2 ms calls
 
 def test_files_written_into_the_run(bench, run):
     doc = read_json(run / BENCH_JSON)

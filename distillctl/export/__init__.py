@@ -295,7 +295,7 @@ def export_run(run: Run, formats: list[str], *, precision: Optional[str] = None,
         primary = next(n for n in preference if n in job.artifacts)
         x = torch.randn(1, 3, job.input_size, job.input_size).numpy()
         lat = summarize(measure(job.artifacts[primary].predictor.timed_call(x), warmup=recipe.bench.warmup,
-                                iters=recipe.bench.iters), 1)
+                                iters=recipe.bench.iters, min_warmup_s=recipe.bench.warmup_s), 1)
         if max_latency_ms is not None:
             gates.append(Gate("latency p50 ms (batch 1)", primary, lat["p50"], max_latency_ms, "<="))
 

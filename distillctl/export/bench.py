@@ -211,6 +211,7 @@ def run_bench(targets: list, *, batch_sizes: Optional[list[int]] = None, backend
     first = resolved[0].bench
     warmup = first.warmup if warmup is None else warmup
     iters = first.iters if iters is None else iters
+    warmup_s = first.warmup_s
     from ..device import choose_threads, cpu_load
 
     load_before = cpu_load()
@@ -265,7 +266,7 @@ def run_bench(targets: list, *, batch_sizes: Optional[list[int]] = None, backend
                             raise
                         skipped[f"{key}[{b}]" if r.name != "torch_compile" else key] = \
                             f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
-                times = measure_interleaved(fns, warmup=warmup, iters=iters)
+                times = measure_interleaved(fns, warmup=warmup, iters=iters, min_warmup_s=warmup_s)
                 for key, ts in times.items():
                     s = summarize(ts, b)
                     latency.setdefault(key, {})[str(b)] = {k: s[k] for k in ("p50", "p90", "p99", "mean")}
@@ -295,7 +296,7 @@ def run_bench(targets: list, *, batch_sizes: Optional[list[int]] = None, backend
         "load": load,
         "skipped": skipped, "compile_s": compile_s, "settings": {"batch_sizes": sizes, "warmup": warmup, "iters": iters, "threads": threads,
                                          "rounds": ROUNDS, "settle_s": SETTLE_S, "rewarm_calls": REWARM_CALLS, "rewarm_s": REWARM_S,
-                                         "min_warmup_s": MIN_WARMUP_S, "ort_spinning": False},
+                                         "min_warmup_s": warmup_s, "ort_spinning": False},
     }
     files = {}
     for t in resolved:
