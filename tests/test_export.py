@@ -18,14 +18,16 @@ from distillctl.export.fp16 import convert_float_to_float16
 from distillctl.run import EXPORT_JSON, Run, load_student_folder
 
 try:
-    from exportkit import make_run, read_json, tiny_recipe
+    from exportkit import make_run, shared_cache, read_json, tiny_recipe
 except ImportError:  # tests collected as a package
-    from tests.exportkit import make_run, read_json, tiny_recipe
+    from tests.exportkit import make_run, shared_cache, read_json, tiny_recipe
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("export") / "run", tiny_recipe(onnx_fp16=True), train_steps=30)
+    # the INT8 module's student (same training, shared through the cache): trained once per session
+    return make_run(tmp_path_factory.mktemp("export") / "run", tiny_recipe(onnx_fp16=True), train_steps=60,
+                    cache=shared_cache(tmp_path_factory))
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,9 @@
 
 The classes are the point, not the list: parsing limits (size, depth, aliases), message size,
 range checks, the run-folder name, timm model names and kwargs, and malformed data sets. Most
-cases call the library in-process (fast); a handful go through the real CLI in a subprocess to
-prove exit code 2, one line on stderr and no traceback.
+cases call the library in-process (fast); a handful go through the CLI (in-process, Typer's runner)
+to prove exit code 2, one line on stderr and no traceback, and one through the real console entry
+point in a subprocess.
 """
 import os
 import pickle
@@ -20,7 +21,7 @@ from distillctl.errors import BadInput
 from distillctl.models import create_model
 from distillctl.recipe import AugmentConfig, DataConfig, StudentConfig, TeacherConfig, load_recipe, validate_raw
 
-from conftest import RECIPES, cli
+from conftest import RECIPES, cli, run_cli
 
 SMOKE = RECIPES / "ci_smoke.yaml"
 CPU = torch.device("cpu")
@@ -590,12 +591,12 @@ class TestCifar:
                  seed=0, device=CPU, match="data.root")
 
 
-# ----------------------------------------------------------------------------- the real CLI
+# ----------------------------------------------------------------------------- the CLI
 
 
 def _cli_refuses(*args, cwd=None, match=""):
     t = time.perf_counter()
-    out = cli(*args, timeout=120, cwd=cwd)
+    out = run_cli(*args, cwd=cwd)
     dt = time.perf_counter() - t
     assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
@@ -631,6 +632,7 @@ class TestCLI:
         _cli_refuses("validate", str(SMOKE), "--set", override, match=match)
 
     def test_json_document_carries_the_error(self):
+        """The real console entry point, in a subprocess: the same exit 2 and document, no traceback."""
         import json
 
         out = cli("validate", str(SMOKE), "--set", "name=/abs/path", "--json", timeout=120)

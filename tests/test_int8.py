@@ -28,14 +28,15 @@ from distillctl.models import IMAGENET_MEAN, IMAGENET_STD, InputView
 from distillctl.recipe import load_recipe
 
 try:
-    from exportkit import make_run, tiny_recipe, write_onnx
+    from exportkit import make_run, shared_cache, tiny_recipe, write_onnx
 except ImportError:  # tests collected as a package
-    from tests.exportkit import make_run, tiny_recipe, write_onnx
+    from tests.exportkit import make_run, shared_cache, tiny_recipe, write_onnx
 
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
-    run = make_run(tmp_path_factory.mktemp("int8") / "run", tiny_recipe("resnet18"), train_steps=60)
+    run = make_run(tmp_path_factory.mktemp("int8") / "run", tiny_recipe("resnet18"), train_steps=60,
+                   cache=shared_cache(tmp_path_factory))
     src = write_onnx(run, exporter="dynamo")
     recipe = load_recipe(run / "recipe.yaml")
     data = build_data(recipe.data, seed=0, device=torch.device("cpu"))
