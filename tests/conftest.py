@@ -10,6 +10,9 @@ RECIPES = ROOT / "recipes"
 # Tiny models run fastest on one thread, and subprocesses must not oversubscribe the cores.
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI sets it
+# No test reaches the network: the Hugging Face hub (timm's pretrained weights, hf-hub: names) is told so before
+# anything imports it, so a fetch fails at once instead of waiting on a connection that cannot be made.
+os.environ["HF_HUB_OFFLINE"] = "1"
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
