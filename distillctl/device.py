@@ -181,12 +181,3 @@ def choose_threads(requested: Optional[int] = None, load: Optional[dict] = None)
     if busy is None:
         return cores
     return max(1, min(cores, cores - int(round(busy))))
-
-
-def apply_threads(requested: Optional[int] = None) -> dict:
-    """Set torch's intra-op threads by ``choose_threads``; returns what was seen and chosen."""
-    load = cpu_load()
-    n = choose_threads(requested, load)
-    torch.set_num_threads(n)
-    return {**load, "threads": n, "requested": requested,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
