@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import threading
@@ -188,17 +189,46 @@ def test_interrupt_in_each_run_stage_then_run_resume(tmp_path):
 # ----------------------------------------------------------------------------- files
 
 
-def test_files_are_written_0644_and_card_paths_are_relative(tmp_path):
-    r = run_cli("run", SMOKE, *RUN_TINY, "--set", "bench.iters=5", "--out", str(tmp_path / "run"), cwd=tmp_path)
+@pytest.fixture(scope="module")
+def complete_run(tmp_path_factory):
+    """One finished `run` (teacher, distill, export, bench, card) and the recipe reads it made.
+
+    Tests read it as it is; a test that changes a run works on a copy (``_copy``): the folder is self-contained
+    (the teacher is found as RUN/teacher, no absolute paths), so a copy is a run of its own.
+    """
+    import distillctl.recipe as recipe_mod
+
+    tmp = tmp_path_factory.mktemp("complete")
+    reads = []
+    real = recipe_mod.read_raw
+
+    def counting(path):
+        reads.append(Path(path).resolve())
+        return real(path)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(recipe_mod, "read_raw", counting)
+        r = run_cli("run", SMOKE, *RUN_TINY, "--set", "bench.iters=3", "--out", str(tmp / "run"), cwd=tmp)
     assert r.returncode == 0, r.stderr
-    run = tmp_path / "run"
+    return tmp / "run", reads
+
+
+def _copy(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest, symlinks=True)
+    return dest
+
+
+def test_files_are_written_0644_and_card_paths_are_relative(complete_run, tmp_path):
+    made, _ = complete_run
     mask = os.umask(0)
     os.umask(mask)
-    for p in run.rglob("*"):
-        if p.is_file():
-            assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, p
-    card = (run / "MODEL_CARD.md").read_text()
-    assert str(tmp_path) not in card and "](bench.png)" in card and '"export/model.onnx"' in card
+    files = [p for p in made.rglob("*") if p.is_file()]
+    assert len(files) > 10
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, p
+    card = (made / "MODEL_CARD.md").read_text()
+    assert str(made.parent) not in card and "](bench.png)" in card and '"export/model.onnx"' in card
+    run = _copy(made, tmp_path / "run")
     before = (run / "MODEL_CARD.md").stat().st_mtime_ns
     r = run_cli("bench", str(run), "--batch-sizes", "2", "--iters", "3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -248,19 +278,8 @@ def test_damaged_files_are_exit_2_naming_the_file(finished, tmp_path, rel, comma
     assert snapshot(run) == before  # nothing overwritten
 
 
-def test_the_recipe_file_is_read_once_per_command(tmp_path, monkeypatch):
-    import distillctl.recipe as recipe_mod
-
-    reads = []
-    real = recipe_mod.read_raw
-
-    def counting(path):
-        reads.append(Path(path).resolve())
-        return real(path)
-
-    monkeypatch.setattr(recipe_mod, "read_raw", counting)
-    r = run_cli("run", SMOKE, *RUN_TINY, "--set", "bench.iters=3", "--out", str(tmp_path / "run"), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+def test_the_recipe_file_is_read_once_per_command(complete_run):
+    _, reads = complete_run
     assert reads == [Path(SMOKE).resolve()]  # teacher, distill, export, bench and card all used it in memory
 
 
@@ -288,10 +307,8 @@ def test_training_and_export_do_not_import_each_other():
     assert "train" in seen["distillctl.train"] and "export" in seen["distillctl.export.card"]  # the lists are real
 
 
-def test_amended_run_redoes_the_stale_stages_and_exports_describe_the_new_student(tmp_path):
-    run = tmp_path / "run"
-    r = run_cli("run", SMOKE, *RUN_TINY, "--set", "bench.iters=3", "--out", str(run), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+def test_amended_run_redoes_the_stale_stages_and_exports_describe_the_new_student(complete_run, tmp_path):
+    run = _copy(complete_run[0], tmp_path / "run")
     onnx_before = (run / "export" / "model.onnx").stat().st_mtime_ns
     r = run_cli("run", "--resume", str(run), "--amend", "--set", "train.epochs=2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
