@@ -266,3 +266,22 @@ def test_int8_failed_gate_never_takes_the_final_name(run, exported, tmp_path):
     doc = read_json(copy / EXPORT_JSON)
     assert "onnx_int8" in doc["failed_artifacts"] and "onnx_int8" not in doc["artifacts"]
     assert doc["details"]["onnx_int8"]["count"] == 64
+
+
+def test_a_cached_student_is_the_student_training_gives(tmp_path):
+    """exportkit's shared cache (the INT8 and export modules' student) hands out exactly what training makes."""
+    from safetensors.torch import load_file
+
+    raw = tiny_recipe("test_resnet")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    trained = make_run(tmp_path / "trained", raw, train_steps=3)
+    first = make_run(tmp_path / "first", raw, train_steps=3, cache=cache)  # trains, fills the cache
+    again = make_run(tmp_path / "again", raw, train_steps=3, cache=cache)  # loads it
+    assert len(list(cache.glob("*.safetensors"))) == 1
+    ref = load_file(str(trained / "student" / "model.safetensors"))
+    for run in (first, again):
+        got = load_file(str(run / "student" / "model.safetensors"))
+        assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert rows == [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
