@@ -18,9 +18,9 @@ from distillctl.export.fp16 import convert_float_to_float16
 from distillctl.run import EXPORT_JSON, Run, load_student_folder
 
 try:
-    from exportkit import make_run, shared_cache, read_json, tiny_recipe
+    from exportkit import make_run, read_json, shared_cache, tiny_recipe
 except ImportError:  # tests collected as a package
-    from tests.exportkit import make_run, shared_cache, read_json, tiny_recipe
+    from tests.exportkit import make_run, read_json, shared_cache, tiny_recipe
 
 
 @pytest.fixture(scope="module")

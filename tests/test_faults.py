@@ -337,7 +337,6 @@ def test_interrupt_caught_by_library_code_still_ends_the_stage_and_the_command_1
 
     from distillctl import report
     from distillctl.flows import stage
-
     from distillctl.recipe import load_recipe
     from distillctl.run import Run
 

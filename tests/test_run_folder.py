@@ -193,8 +193,8 @@ def test_interrupt_in_each_run_stage_then_run_resume(tmp_path):
 def complete_run(tmp_path_factory):
     """One finished `run` (teacher, distill, export, bench, card) and the recipe reads it made.
 
-    Tests read it as it is; a test that changes a run works on a copy (``_copy``): the folder is self-contained
-    (the teacher is found as RUN/teacher, no absolute paths), so a copy is a run of its own.
+    Tests read it as it is; a test that changes a run works on a copy (``shutil.copytree``): the folder is
+    self-contained (the teacher is found as RUN/teacher, no absolute paths), so a copy is a run of its own.
     """
     import distillctl.recipe as recipe_mod
 
@@ -213,11 +213,6 @@ def complete_run(tmp_path_factory):
     return tmp / "run", reads
 
 
-def _copy(run: Path, dest: Path) -> Path:
-    shutil.copytree(run, dest, symlinks=True)
-    return dest
-
-
 def test_files_are_written_0644_and_card_paths_are_relative(complete_run, tmp_path):
     made, _ = complete_run
     mask = os.umask(0)
@@ -228,7 +223,7 @@ def test_files_are_written_0644_and_card_paths_are_relative(complete_run, tmp_pa
         assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, p
     card = (made / "MODEL_CARD.md").read_text()
     assert str(made.parent) not in card and "](bench.png)" in card and '"export/model.onnx"' in card
-    run = _copy(made, tmp_path / "run")
+    run = shutil.copytree(made, tmp_path / "run", symlinks=True)
     before = (run / "MODEL_CARD.md").stat().st_mtime_ns
     r = run_cli("bench", str(run), "--batch-sizes", "2", "--iters", "3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -308,7 +303,7 @@ def test_training_and_export_do_not_import_each_other():
 
 
 def test_amended_run_redoes_the_stale_stages_and_exports_describe_the_new_student(complete_run, tmp_path):
-    run = _copy(complete_run[0], tmp_path / "run")
+    run = shutil.copytree(complete_run[0], tmp_path / "run", symlinks=True)
     onnx_before = (run / "export" / "model.onnx").stat().st_mtime_ns
     r = run_cli("run", "--resume", str(run), "--amend", "--set", "train.epochs=2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr

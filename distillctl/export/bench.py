@@ -38,7 +38,7 @@ from .runtime import OrtPredictor, Predictor, TorchPredictor
 
 log = logging.getLogger("distillctl")
 BACKENDS = ("torch", "torch_compile", "onnxruntime", "trt")
-MIN_WARMUP_S = 0.2
+MIN_WARMUP_S = BenchConfig.model_fields["warmup_s"].default  # one default: the recipe's
 ROUNDS = 5  # blocks per backend: interleaved so a burst of load from elsewhere hits every backend
 SETTLE_S = 0.02
 # After a switch the first calls of a backend are slow (its thread pool slept through the other backend's
