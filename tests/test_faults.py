@@ -13,16 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RECIPES, run_cli, snapshot
+from conftest import RECIPES, Forked, run_cli, snapshot
 
 SMOKE = str(RECIPES / "ci_smoke.yaml")
 DETERMINISTIC = ["--set", "train.epochs=3", "--set", "train.log_every=1", "--set", "train.deterministic=true"]
-
-
-def _popen(*args, cwd):
-    env = dict(os.environ, CI="true", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "distillctl.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
 
 
 def _kill_when(p, pred, timeout=240, poll=0.001):
@@ -79,8 +73,8 @@ def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, teach
     ]
     resume = []
     for i, pred in enumerate(kills):
-        p = _popen(*args, *resume, cwd=tmp_path)
-        assert _kill_when(p, pred), f"kill point {i + 1} was never reached: {p.stderr.read()[-2000:]}"
+        p = Forked(*args, *resume, cwd=tmp_path)
+        assert _kill_when(p, pred), f"kill point {i + 1} was never reached: {p.stderr_text[-2000:]}"
         resume = ["--resume"]
     done = run_cli(*args, "--resume", "--json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -121,9 +115,9 @@ def test_a_second_writer_is_refused_at_once(tmp_path, teacher_weights):
 def test_two_distills_on_one_folder_one_wins(tmp_path, teacher_weights):
     args = ["distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--set", "train.epochs=2",
             "--out", str(tmp_path / "run")]
-    ps = [_popen(*args, cwd=tmp_path) for _ in range(2)]
+    ps = [Forked(*args, cwd=tmp_path) for _ in range(2)]
     codes = sorted(p.wait(timeout=300) for p in ps)
-    assert codes == [0, 2], [p.stderr.read()[-500:] for p in ps]
+    assert codes == [0, 2], [p.stderr_text[-500:] for p in ps]
     rows = _rows(tmp_path / "run")
     assert [(r["epoch"], r["step"]) for r in rows if "step" in r] == [(1, 5), (1, 8), (2, 5), (2, 8)]
 
@@ -157,7 +151,7 @@ def test_sigterm_during_export_is_130_with_the_document_and_no_temporaries(tmp_p
     r = run_cli("distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--set", "data.synthetic_size=64",
                 "--out", str(run), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    p = _popen("export", str(run), "--format", "onnx", "--precision", "int8", "--json", cwd=tmp_path)
+    p = Forked("export", str(run), "--format", "onnx", "--precision", "int8", "--json", cwd=tmp_path)
     t0 = time.time()
     while time.time() - t0 < 240 and p.poll() is None:
         if (run / "export").is_dir() and any((run / "export").glob("*.staged.*")):
