@@ -150,6 +150,36 @@ def raise_if_interrupted() -> None:
         raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def commit_point():
+    """Where a command makes its results final (renames, reports): all of it happens, or none of it.
+
+    A signal that arrived before (its KeyboardInterrupt possibly swallowed by library code, which then
+    carried on) stops the command here, so nothing of an interrupted command takes a final name. A
+    SIGINT/SIGTERM arriving inside the block is held until the block is done and then delivered to the
+    handler that was in place, so the files it writes change together. Outside the main thread (embedded
+    use) signals cannot be held; the check still runs.
+    """
+    raise_if_interrupted()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum, frame):
+        held.append(signum)
+
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(s) is not None}  # a handler installed outside Python is left alone
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if held:
+            signal.raise_signal(held[0])  # the handler in place decides: KeyboardInterrupt, or the default
+
+
 def _redeliver_swallowed(previous):
     """An unraisable hook: Python drops an exception raised inside a finaliser or an import-lock callback
     ("Exception ignored in ..."), and a signal's KeyboardInterrupt raised there would be lost, letting

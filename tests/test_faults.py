@@ -19,15 +19,16 @@ SMOKE = str(RECIPES / "ci_smoke.yaml")
 DETERMINISTIC = ["--set", "train.epochs=3", "--set", "train.log_every=1", "--set", "train.deterministic=true"]
 
 
-def _kill_when(p, pred, timeout=240, poll=0.001):
+def _kill_when(p, pred, timeout=240, poll=0.001, sig=signal.SIGKILL, wait=True):
     t0 = time.time()
     while time.time() - t0 < timeout:
         if p.poll() is not None:
             return False
         try:
             if pred():
-                p.send_signal(signal.SIGKILL)
-                p.wait()
+                p.send_signal(sig)
+                if wait:
+                    p.wait()
                 return True
         except OSError:
             pass
@@ -152,12 +153,10 @@ def test_sigterm_during_export_is_130_with_the_document_and_no_temporaries(tmp_p
                 "--out", str(run), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     p = Forked("export", str(run), "--format", "onnx", "--precision", "int8", "--json", cwd=tmp_path)
-    t0 = time.time()
-    while time.time() - t0 < 240 and p.poll() is None:
-        if (run / "export").is_dir() and any((run / "export").glob("*.staged.*")):
-            break  # the FP32 file is staged; quantization is under way
-        time.sleep(0.005)
-    p.send_signal(signal.SIGTERM)
+    fp32, int8 = run / "export" / "model.staged.onnx", run / "export" / "model.int8.staged.onnx"
+    # the FP32 file is staged and the INT8 one not yet written: quantization is under way, the commit is not
+    assert _kill_when(p, lambda: fp32.exists() and not int8.exists(), poll=0.002, sig=signal.SIGTERM, wait=False), \
+        f"quantization was never seen under way: {p.stderr_text[-2000:]}"
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130, err[-2000:]
     doc = json.loads(out)
@@ -360,6 +359,62 @@ def test_interrupt_caught_by_library_code_still_ends_the_stage_and_the_command_1
     with pytest.raises(typer.Exit) as info:  # outside any stage: the command itself ends 130
         report.execute("export", True, lambda: {"r": swallowing_library()})
     assert info.value.exit_code == 130
+
+
+def test_interrupt_swallowed_in_export_never_gives_an_artifact_its_final_name(tmp_path, teacher_weights, monkeypatch,
+                                                                              capsys):
+    """A SIGTERM whose KeyboardInterrupt library code swallowed (the export then carried on) ends the export at
+    its commit point: exit 130, no artifact under its final name, no export.json, no temporaries."""
+    import typer
+
+    from distillctl import report
+    from distillctl.export import bench, export_run
+    from distillctl.run import Run
+
+    run = tmp_path / "run"
+    r = run_cli("distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--set", "data.synthetic_size=64",
+                "--out", str(run), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    real = bench.measure
+
+    def measure_then_swallow(*args, **kwargs):  # the export's last step before it names its files
+        out = real(*args, **kwargs)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        except KeyboardInterrupt:  # a broad handler in library code
+            pass
+        return out
+
+    monkeypatch.setattr(bench, "measure", measure_then_swallow)
+    with pytest.raises(typer.Exit) as info:
+        report.execute("export", True, lambda: export_run(Run.open(run), ["onnx"], device="cpu"))
+    assert info.value.exit_code == 130
+    assert json.loads(capsys.readouterr().out)["exit_code"] == 130
+    assert not (run / "export" / "model.onnx").exists() and not (run / "export.json").exists()
+    assert not _temps(run)
+
+
+def test_a_signal_inside_the_commit_point_waits_for_its_end(capsys):
+    """Inside the block the files are written together: the signal is delivered when the block is done."""
+    import typer
+
+    from distillctl import report
+
+    done = []
+
+    def fn():
+        with report.commit_point():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the held signal does not cut this short
+            done.append("block")
+        done.append("after")  # never reached: the signal is delivered as the block ends
+        return {}
+
+    with pytest.raises(typer.Exit) as info:
+        report.execute("export", True, fn)
+    assert info.value.exit_code == 130 and done == ["block"]
+    assert signal.getsignal(signal.SIGTERM) is not None and json.loads(capsys.readouterr().out)["exit_code"] == 130
 
 
 def test_compare_summary_cuts_a_long_row_message_at_a_word():

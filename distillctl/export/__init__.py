@@ -44,6 +44,7 @@ from typing import Callable, Optional
 
 from ..errors import BadInput, DistillError, GateFailed
 from ..recipe import parse_dynamic_batch
+from ..report import commit_point
 from ..run import EXPORT_JSON, Run, sidecar_of
 
 log = logging.getLogger("distillctl")
@@ -301,45 +302,49 @@ def export_run(run: Run, formats: list[str], *, precision: Optional[str] = None,
 
         failed = [g for g in gates if not g.passed]
         bad_artifacts = {g.artifact for g in failed}
-        paths = {}
-        for name, art in job.artifacts.items():
-            paths[name] = _settle(run, art, finals[name], name not in bad_artifacts)
+        # the commit point: a signal that already came stops the export before any artifact takes its final
+        # name; one that comes now waits until the names, export.json and the card are all written
+        with commit_point():
+            paths = {}
+            for name, art in job.artifacts.items():
+                paths[name] = _settle(run, art, finals[name], name not in bad_artifacts)
 
-        previous = run.read_report(EXPORT_JSON) or {}
-        # export.json names files relative to the run folder (the folder can move; any cwd reads it)
-        rel = {n: run.relative(p) for n, p in paths.items()}
-        stored = {
-            "artifacts": {**previous.get("artifacts", {}), **{n: r for n, r in rel.items() if n not in bad_artifacts}},
-            "failed_artifacts": {n: rel[n] for n in sorted(bad_artifacts)},
-            "parity": {**previous.get("parity", {}), **par},
-            "metrics": {**previous.get("metrics", {}), **metrics},
-            "latency_ms": {primary: {"1": {k: lat[k] for k in ("p50", "p90", "p99", "mean")}}},  # bench's shape
-            "throughput_img_s": {primary: {"1": lat["throughput_img_s"]}},
-            "precision": precision, "dynamic_batch": dynamic_batch, "device": str(torch_device),
-            "providers": {**previous.get("providers", {}), "torch": reference.provider,
-                          **{n: a.predictor.provider for n, a in job.artifacts.items() if a.predictor is not None}},
-            "details": {**previous.get("details", {}), **{n: _relative_info(run, a.info)
-                                                          for n, a in job.artifacts.items()}},
-            "gates": [g for g in previous.get("gates", []) if g["artifact"] not in job.artifacts] +
-                     [{"gate": g.name, "artifact": g.artifact, "value": g.value, "limit": g.limit, "op": g.op,
-                       "passed": g.passed} for g in gates],
-            "status": "gate_failed" if failed else "ok",
-            "export_s": round(time.perf_counter() - t0, 2),
-            "recipe_hash": recipe.hash(), "versions": versions(),
-        }
-        for name in list(stored["artifacts"]):  # drop entries whose file this (or a later) export removed
-            if name in bad_artifacts or not run.resolve(stored["artifacts"][name]).exists():
-                stored["artifacts"].pop(name)
-        for name in [n for n in paths if n.startswith("trt") and n not in bad_artifacts]:
-            if sidecar_of(paths[name]).exists():
-                stored["artifacts"][f"{name}_sidecar"] = run.relative(sidecar_of(paths[name]))
-        if write_card:
-            stored["artifacts"]["model_card"] = run.relative(run.card_file)
-        run.write_json(EXPORT_JSON, stored)
-        if write_card:
-            from .card import write_model_card
+            previous = run.read_report(EXPORT_JSON) or {}
+            # export.json names files relative to the run folder (the folder can move; any cwd reads it)
+            rel = {n: run.relative(p) for n, p in paths.items()}
+            stored = {
+                "artifacts": {**previous.get("artifacts", {}),
+                              **{n: r for n, r in rel.items() if n not in bad_artifacts}},
+                "failed_artifacts": {n: rel[n] for n in sorted(bad_artifacts)},
+                "parity": {**previous.get("parity", {}), **par},
+                "metrics": {**previous.get("metrics", {}), **metrics},
+                "latency_ms": {primary: {"1": {k: lat[k] for k in ("p50", "p90", "p99", "mean")}}},  # bench's shape
+                "throughput_img_s": {primary: {"1": lat["throughput_img_s"]}},
+                "precision": precision, "dynamic_batch": dynamic_batch, "device": str(torch_device),
+                "providers": {**previous.get("providers", {}), "torch": reference.provider,
+                              **{n: a.predictor.provider for n, a in job.artifacts.items() if a.predictor is not None}},
+                "details": {**previous.get("details", {}), **{n: _relative_info(run, a.info)
+                                                              for n, a in job.artifacts.items()}},
+                "gates": [g for g in previous.get("gates", []) if g["artifact"] not in job.artifacts] +
+                         [{"gate": g.name, "artifact": g.artifact, "value": g.value, "limit": g.limit, "op": g.op,
+                           "passed": g.passed} for g in gates],
+                "status": "gate_failed" if failed else "ok",
+                "export_s": round(time.perf_counter() - t0, 2),
+                "recipe_hash": recipe.hash(), "versions": versions(),
+            }
+            for name in list(stored["artifacts"]):  # drop entries whose file this (or a later) export removed
+                if name in bad_artifacts or not run.resolve(stored["artifacts"][name]).exists():
+                    stored["artifacts"].pop(name)
+            for name in [n for n in paths if n.startswith("trt") and n not in bad_artifacts]:
+                if sidecar_of(paths[name]).exists():
+                    stored["artifacts"][f"{name}_sidecar"] = run.relative(sidecar_of(paths[name]))
+            if write_card:
+                stored["artifacts"]["model_card"] = run.relative(run.card_file)
+            run.write_json(EXPORT_JSON, stored)
+            if write_card:
+                from .card import write_model_card
 
-            write_model_card(run)
+                write_model_card(run)
         if recipe.tracking.backends:
             try:
                 _track_artifacts(run, {n: p for n, p in paths.items() if n not in bad_artifacts})

@@ -32,6 +32,7 @@ from ..device import versions
 from ..errors import BadInput, MissingCapability
 from ..recipe import BenchConfig
 from ..files import atomic_write_json, commit, temp_path
+from ..report import commit_point
 from ..run import BENCH_JSON, BENCH_PNG, Run, Target, resolve_target
 from .onnx import read_metadata
 from .runtime import OrtPredictor, Predictor, TorchPredictor
@@ -303,7 +304,7 @@ def run_bench(targets: list, *, batch_sizes: Optional[list[int]] = None, backend
         mine = {k: v for k, v in latency.items() if not prefix or k.startswith(t.label + "/")}
         doc = dict(result, latency_ms=mine, throughput_img_s={k: throughput[k] for k in mine})
         if t.run is not None:
-            with t.run.writing():
+            with t.run.writing(), commit_point():  # bench.json, its chart and the card change together
                 path = t.run.write_json(BENCH_JSON, doc)
                 chart = write_chart(doc, t.run.bench_png)
                 if write_card and Run.is_run(t.run.root):
