@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 from .errors import BadInput, Collapsed, Diverged, DistillError, Interrupted
 from .recipe import Recipe, StudentConfig, apply_overrides, load_recipe, method_config, read_raw, validate_raw
-from .report import raise_if_interrupted
+from .report import commit_point, raise_if_interrupted
 from .run import AMENDABLE, TEACHER_DIR, Run, student_config
 
 log = logging.getLogger("distillctl")
@@ -321,11 +321,13 @@ def _train(run: Run, recipe: Recipe, *, supervised: bool, role: str, device: str
                              preprocess=getattr(data, "preprocess", None),
                              extra={"top1": res["top1"], "weights": res["chosen"]}, recipe_hash=run.recipe.hash())
         if res["trained"] or not run.student_weights.is_file():
-            # a new student: what was exported or measured from the previous one no longer describes it
-            removed = run.invalidate_exports()
-            if removed:
-                log.info(f"  removed what described the previous student: {', '.join(removed)}")
-            path = run.save_student(res["eval_model"], cfg)
+            # a new student: what was exported or measured from the previous one no longer describes it.
+            # One commit: an interrupt that came before leaves the previous student and its exports as they were
+            with commit_point():
+                removed = run.invalidate_exports()
+                if removed:
+                    log.info(f"  removed what described the previous student: {', '.join(removed)}")
+                path = run.save_student(res["eval_model"], cfg)
         else:  # resumed a finished run: the student on disk (and its exports) stay as they are
             path = run.student_weights
         metrics = {"student_top1": res["top1"], "student_top5": res["top5"]}

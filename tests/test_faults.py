@@ -395,6 +395,37 @@ def test_interrupt_swallowed_in_export_never_gives_an_artifact_its_final_name(tm
     assert not _temps(run)
 
 
+def test_interrupt_swallowed_after_training_saves_no_student_and_resume_finishes(tmp_path, teacher_weights,
+                                                                                 monkeypatch):
+    """The same for distill: a swallowed signal after the last epoch (the trainer's own handler is gone) ends
+    the stage before the student is written; the resume saves it from the finished checkpoint."""
+    from distillctl import flows
+
+    run = tmp_path / "run"
+    real = flows.student_config
+
+    def config_then_swallow(*args, **kwargs):  # computed just before the student is saved
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(flows, "student_config", config_then_swallow)
+    args = ["distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--set", "data.synthetic_size=64",
+            "--out", str(run)]
+    r = run_cli(*args, "--json", cwd=tmp_path)
+    assert r.returncode == 130, r.stderr[-2000:]
+    assert not (run / "student").exists() or not any((run / "student").iterdir())
+    assert json.loads((run / "manifest.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(flows, "student_config", real)
+    r = run_cli(*args, "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run / "student" / "model.safetensors").is_file() and (run / "student" / "config.json").is_file()
+    assert [r["epoch"] for r in _rows(run) if "top1" in r] == [1]  # the epoch was not trained again
+
+
 def test_a_signal_inside_the_commit_point_waits_for_its_end(capsys):
     """Inside the block the files are written together: the signal is delivered when the block is done."""
     import typer
