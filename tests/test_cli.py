@@ -1,7 +1,7 @@
 """The command line as users and CI pipelines see it: exit codes, --json, kill/resume, torchrun.
 
-Commands run in this process (``run_cli``) unless a separate process is the point (import cost,
-signals, torchrun)."""
+Commands run in this process (``run_cli``) unless a separate process is the point: a fresh interpreter for
+import cost, SIGTERM in training and the torchrun launcher; a forked one (``Forked``) for two ranks."""
 import json
 import os
 import signal
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RECIPES, cli, run_cli
+from conftest import RECIPES, Forked, cli, run_cli
 
 SMOKE = str(RECIPES / "ci_smoke.yaml")
 
@@ -151,19 +151,36 @@ def _torchrun(*args, cwd):
                           env=env, cwd=cwd, timeout=300)
 
 
-def test_torchrun_two_cpu_processes_agree_on_early_stopping(tmp_path, teacher_weights):
-    """Rank 0 decides early stopping; every rank must stop at the same epoch (else gloo errors / NCCL hangs)."""
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_ranks_agree_on_early_stopping(tmp_path, teacher_weights):
+    """Rank 0 decides early stopping; every rank must stop at the same epoch (else gloo errors / NCCL hangs).
+
+    The two ranks are started as torchrun starts its workers (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT
+    in the environment), as forked processes; the launcher itself is tested by the next test."""
     run = tmp_path / "run"
-    p = _torchrun("distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--set", "train.epochs=5",
-                  "--set", "train.lr=1e-9", "--set", "train.early_stop_patience=1", "--out", str(run), cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
+    args = ["distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--set", "train.epochs=5",
+            "--set", "train.lr=1e-9", "--set", "train.early_stop_patience=1", "--out", str(run), "--device", "cpu"]
+    port = str(_free_port())
+    ranks = [Forked(*args, cwd=tmp_path, env={"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                             "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for r in (0, 1)]
+    codes = [p.wait(timeout=300) for p in ranks]
+    assert codes == [0, 0], [p.stderr_text[-3000:] for p in ranks]
+    stderr = ranks[0].stderr_text
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     # each rank takes half of the 260-image training split: 4 steps of 32 per epoch instead of 8
     steps = [r["step"] for r in rows if "step" in r]
     assert max(steps) == 4
     epochs = [r["epoch"] for r in rows if "top1" in r]  # lr 1e-9: only BN statistics move, gains stop soon
     assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) < 5
-    assert f"early stop after epoch {len(epochs)}" in p.stderr
+    assert f"early stop after epoch {len(epochs)}" in stderr
     assert (run / "student" / "model.safetensors").is_file()
 
 
