@@ -171,7 +171,11 @@ def test_two_cpu_ranks_agree_on_early_stopping(tmp_path, teacher_weights):
     ranks = [Forked(*args, cwd=tmp_path, env={"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
                                              "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
              for r in (0, 1)]
-    codes = [p.wait(timeout=300) for p in ranks]
+    try:
+        codes = [p.wait(timeout=300) for p in ranks]
+    finally:
+        for p in ranks:  # a rank left waiting in a collective by a failing peer does not outlive the test
+            p.kill()
     assert codes == [0, 0], [p.stderr_text[-3000:] for p in ranks]
     stderr = ranks[0].stderr_text
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

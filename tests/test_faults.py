@@ -117,7 +117,11 @@ def test_two_distills_on_one_folder_one_wins(tmp_path, teacher_weights):
     args = ["distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--set", "train.epochs=2",
             "--out", str(tmp_path / "run")]
     ps = [Forked(*args, cwd=tmp_path) for _ in range(2)]
-    codes = sorted(p.wait(timeout=300) for p in ps)
+    try:
+        codes = sorted(p.wait(timeout=300) for p in ps)
+    finally:
+        for p in ps:
+            p.kill()
     assert codes == [0, 2], [p.stderr_text[-500:] for p in ps]
     rows = _rows(tmp_path / "run")
     assert [(r["epoch"], r["step"]) for r in rows if "step" in r] == [(1, 5), (1, 8), (2, 5), (2, 8)]
