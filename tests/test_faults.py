@@ -16,7 +16,7 @@ import torch
 from conftest import RECIPES, Forked, run_cli, snapshot
 
 SMOKE = str(RECIPES / "ci_smoke.yaml")
-DETERMINISTIC = ["--set", "train.epochs=3", "--set", "train.log_every=1", "--set", "train.deterministic=true"]
+DETERMINISTIC = ["--set", "train.epochs=2", "--set", "train.log_every=1", "--set", "train.deterministic=true"]
 
 
 def _kill_when(p, pred, timeout=240, poll=0.001, sig=signal.SIGKILL, wait=True):
@@ -82,8 +82,8 @@ def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, teach
 
     rows = _rows(run)
     steps = [(r["epoch"], r["step"]) for r in rows if "step" in r]
-    assert steps == [(e, s) for e in (1, 2, 3) for s in range(1, 9)]  # each step exactly once
-    assert [r["epoch"] for r in rows if "top1" in r] == [1, 2, 3]  # each epoch exactly once
+    assert steps == [(e, s) for e in (1, 2) for s in range(1, 9)]  # each step exactly once
+    assert [r["epoch"] for r in rows if "top1" in r] == [1, 2]  # each epoch exactly once
     a = load_file(str(tmp_path / "ref" / "student" / "model.safetensors"))
     b = load_file(str(run / "student" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
