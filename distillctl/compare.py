@@ -25,6 +25,7 @@ from typing import Any, Optional
 from .errors import BadInput, Collapsed, Diverged, DistillError, Interrupted
 from .recipe import Recipe, apply_overrides, read_raw, suggest, validate_raw
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .report import commit_point
 from .run import TEACHER_DIR, Run
 
 JSON_FILE, TABLE_FILE, CHART_FILE = "compare.json", "compare.md", "compare.png"
@@ -278,9 +279,11 @@ def compare(recipe_path: str, methods: list[str], overrides: list[str], out_dir:
         "total_s": time.perf_counter() - t_start,
         "artifacts": {"json": str(out / JSON_FILE), "table": str(out / TABLE_FILE), "chart": str(out / CHART_FILE)},
     }
-    atomic_write_text(out / TABLE_FILE, f"# {title}\n\n{table}\n")
-    atomic_write_bytes(out / CHART_FILE, render_chart(rows, title, num_classes))
-    atomic_write_json(out / JSON_FILE, doc)
+    chart = render_chart(rows, title, num_classes)
+    with commit_point():  # the table, the chart and compare.json describe the same rows, or none is rewritten
+        atomic_write_text(out / TABLE_FILE, f"# {title}\n\n{table}\n")
+        atomic_write_bytes(out / CHART_FILE, chart)
+        atomic_write_json(out / JSON_FILE, doc)
     broken = [r for r in rows if r["status"] != "ok"]
     if broken:  # a comparison with a failed row is not a result to pass on: exit with the row's code
         text = ("compare: " + "; ".join(f"{r['method']} {r['status']} ({_brief(r['error'])})" for r in broken)

@@ -430,6 +430,28 @@ def test_interrupt_swallowed_after_training_saves_no_student_and_resume_finishes
     assert [r["epoch"] for r in _rows(run) if "top1" in r] == [1]  # the epoch was not trained again
 
 
+def test_interrupt_swallowed_before_compare_writes_its_table_writes_none_of_it(tmp_path, monkeypatch):
+    """compare's table, chart and compare.json are one commit: a swallowed signal before it writes none."""
+    from distillctl import compare
+
+    real = compare.render_chart
+
+    def chart_then_swallow(*args, **kwargs):  # drawn just before the three files are written
+        out = real(*args, **kwargs)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        return out
+
+    monkeypatch.setattr(compare, "render_chart", chart_then_swallow)
+    r = run_cli("compare", SMOKE, "--methods", "ce", "--set", "data.synthetic_size=64", "--out", str(tmp_path / "cmp"),
+                "--json", cwd=tmp_path)
+    assert r.returncode == 130, r.stderr[-2000:]
+    assert not [p.name for p in (tmp_path / "cmp").iterdir() if p.name.startswith("compare")]
+
+
 def test_a_signal_inside_the_commit_point_waits_for_its_end(capsys):
     """Inside the block the files are written together: the signal is delivered when the block is done."""
     import typer
