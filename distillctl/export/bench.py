@@ -313,8 +313,9 @@ def run_bench(targets: list, *, batch_sizes: Optional[list[int]] = None, backend
                     write_model_card(t.run)
         else:
             path = t.where.with_name(f"{t.where.name}.{BENCH_JSON}")
-            atomic_write_json(path, doc)
-            chart = write_chart(doc, t.where.with_name(f"{t.where.name}.{BENCH_PNG}"))
+            with commit_point():
+                atomic_write_json(path, doc)
+                chart = write_chart(doc, t.where.with_name(f"{t.where.name}.{BENCH_PNG}"))
         files[t.label] = {"bench_json": str(path), "chart": str(chart) if chart else None}
     result["files"] = files
     print_table(result)
