@@ -253,6 +253,7 @@ def test_int8_in_bench_and_card(int8_run):
     card = (copy / "MODEL_CARD.md").read_text()
     assert "| onnx_int8 | `export/model.int8.onnx` | int8 |" in card
     assert "| onnxruntime_int8 |" in card
+    assert "(1 thread" in card and "1 threads" not in card  # bench ran with threads=1
 
 
 def test_int8_failed_gate_never_takes_the_final_name(run, exported, tmp_path):

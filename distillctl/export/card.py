@@ -15,6 +15,10 @@ from ..files import atomic_write_text, commit, temp_path
 from ..run import BENCH_JSON, EXPORT_JSON, Run
 
 
+def _threads(n) -> str:
+    return "1 thread" if n == 1 else f"{n} threads"
+
+
 def _pct(v) -> str:
     return f"{100 * v:.2f}%" if isinstance(v, (int, float)) else "–"
 
@@ -141,7 +145,7 @@ def write_model_card(run: Run) -> Path:
     out += ["", "## Latency", ""]
     if bench and bench.get("latency_ms"):
         dev = bench["device"]
-        hw = dev.get("gpu") or f"{dev.get('cpu')} ({dev.get('threads')} threads)"
+        hw = dev.get("gpu") or f"{dev.get('cpu')} ({_threads(dev.get('threads'))})"
         v = bench.get("versions", {})
         out.append(f"Hardware: {hw}. torch {v.get('torch')}, onnxruntime {v.get('onnxruntime', '–')}"
                    + (f", TensorRT {v['tensorrt']}" if v.get("tensorrt") else "") + ". "
@@ -161,7 +165,7 @@ def write_model_card(run: Run) -> Path:
             best = max(((k, b, r) for k, per in bench["speedup_vs_torch_p50"].items() for b, r in per.items()),
                        key=lambda c: c[2])
             out.append(f"\nFastest against PyTorch eager: {best[0]} at batch {best[1]}, {best[2]:.1f}x "
-                       f"(quiet machine, {load.get('threads', '?')} threads, p90/p50 <= 1.5 in every cell).")
+                       f"(quiet machine, {_threads(load.get('threads', '?'))}, p90/p50 <= 1.5 in every cell).")
         if run.bench_png.is_file():
             out.append(f"\n![latency]({run.relative(run.bench_png)})")
         for k, why in bench.get("skipped", {}).items():
