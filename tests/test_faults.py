@@ -365,6 +365,19 @@ def test_interrupt_caught_by_library_code_still_ends_the_stage_and_the_command_1
     assert info.value.exit_code == 130
 
 
+def _then_a_swallowed_sigterm(real):
+    """``real``, then a SIGTERM whose KeyboardInterrupt library code catches and drops (a broad handler)."""
+    def wrapper(*args, **kwargs):
+        out = real(*args, **kwargs)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        return out
+    return wrapper
+
+
 def test_interrupt_swallowed_in_export_never_gives_an_artifact_its_final_name(tmp_path, teacher_weights, monkeypatch,
                                                                               capsys):
     """A SIGTERM whose KeyboardInterrupt library code swallowed (the export then carried on) ends the export at
@@ -379,18 +392,8 @@ def test_interrupt_swallowed_in_export_never_gives_an_artifact_its_final_name(tm
     r = run_cli("distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--set", "data.synthetic_size=64",
                 "--out", str(run), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    real = bench.measure
-
-    def measure_then_swallow(*args, **kwargs):  # the export's last step before it names its files
-        out = real(*args, **kwargs)
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)
-        except KeyboardInterrupt:  # a broad handler in library code
-            pass
-        return out
-
-    monkeypatch.setattr(bench, "measure", measure_then_swallow)
+    # measure: the export's last step before it names its files
+    monkeypatch.setattr(bench, "measure", _then_a_swallowed_sigterm(bench.measure))
     with pytest.raises(typer.Exit) as info:
         report.execute("export", True, lambda: export_run(Run.open(run), ["onnx"], device="cpu"))
     assert info.value.exit_code == 130
@@ -407,16 +410,8 @@ def test_interrupt_swallowed_after_training_saves_no_student_and_resume_finishes
 
     run = tmp_path / "run"
     real = flows.student_config
-
-    def config_then_swallow(*args, **kwargs):  # computed just before the student is saved
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)
-        except KeyboardInterrupt:
-            pass
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(flows, "student_config", config_then_swallow)
+    # student_config: computed just before the student is saved
+    monkeypatch.setattr(flows, "student_config", _then_a_swallowed_sigterm(real))
     args = ["distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--set", "data.synthetic_size=64",
             "--out", str(run)]
     r = run_cli(*args, "--json", cwd=tmp_path)
@@ -434,18 +429,8 @@ def test_interrupt_swallowed_before_compare_writes_its_table_writes_none_of_it(t
     """compare's table, chart and compare.json are one commit: a swallowed signal before it writes none."""
     from distillctl import compare
 
-    real = compare.render_chart
-
-    def chart_then_swallow(*args, **kwargs):  # drawn just before the three files are written
-        out = real(*args, **kwargs)
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)
-        except KeyboardInterrupt:
-            pass
-        return out
-
-    monkeypatch.setattr(compare, "render_chart", chart_then_swallow)
+    # render_chart: drawn just before the three files are written
+    monkeypatch.setattr(compare, "render_chart", _then_a_swallowed_sigterm(compare.render_chart))
     r = run_cli("compare", SMOKE, "--methods", "ce", "--set", "data.synthetic_size=64", "--out", str(tmp_path / "cmp"),
                 "--json", cwd=tmp_path)
     assert r.returncode == 130, r.stderr[-2000:]
