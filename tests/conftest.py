@@ -58,76 +58,68 @@ def snapshot(root) -> dict:
     return out
 
 
+_FORK_SERVER = None
+
+
+def _fork_server():
+    """multiprocessing's fork server for this process, preloading ``forkhost`` (started on first use)."""
+    global _FORK_SERVER
+    if _FORK_SERVER is None:
+        import multiprocessing
+
+        from multiprocessing import forkserver
+
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["forkhost"])
+        # Python 3.11's fork server imports its preload before it applies the caller's sys.path, so it finds
+        # tests/forkhost.py through PYTHONPATH, set only while it starts
+        old = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), old) if p)
+        try:
+            forkserver.ensure_running()
+        finally:
+            if old is None:
+                os.environ.pop("PYTHONPATH")
+            else:
+                os.environ["PYTHONPATH"] = old
+        _FORK_SERVER = ctx
+    return _FORK_SERVER
+
+
 class Forked:
-    """The CLI's console entry (``distillctl.cli.main``) in a forked copy of this test process.
+    """The CLI's console entry (``distillctl.cli.main``) in a process forked from a clean host (``forkhost``).
 
     A real, separate process, for the tests whose point is what happens to a process (SIGKILL at any
-    moment, SIGTERM, two writers racing), without the ~3 s of CPU a fresh interpreter spends importing
-    torch and timm: the child starts with them loaded. It runs with one intra-op thread (as the tests'
-    subprocesses do; OpenMP pools must not cross a fork) and leaves by ``os._exit``, so nothing of the
-    test process (atexit, pytest) runs in it. The interface is the part of ``subprocess.Popen`` the tests
-    use. Tests of interpreter start-up, of the console script itself, and torchrun use ``cli``/Popen.
+    moment, SIGTERM, two writers racing, two ranks), without the ~3 s of CPU a fresh interpreter spends
+    importing torch and timm: the host has them loaded and forks with one thread. The interface is the part
+    of ``subprocess.Popen`` the tests use. Tests of interpreter start-up, of the console script itself, and
+    the torchrun launcher use ``cli``/Popen.
     """
 
     def __init__(self, *args, cwd=None, env=None):
         import tempfile
 
+        import forkhost
+
         self.args = [str(a) for a in args]
-        self._out, self._err = tempfile.TemporaryFile(), tempfile.TemporaryFile()  # noqa: SIM115 - live as long as self
+        folder = Path(tempfile.mkdtemp(prefix="forked-"))
+        self._out, self._err = folder / "stdout", folder / "stderr"
+        self._proc = _fork_server().Process(target=forkhost.main, args=(
+            self.args, None if cwd is None else str(cwd), dict(env or {}), str(self._out), str(self._err)))
+        self._proc.start()
+        self.pid = self._proc.pid
         self.returncode = None
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.pid = os.fork()
-        if self.pid == 0:
-            self._child(cwd, env)
-
-    def _child(self, cwd, env) -> None:
-        code = 70
-        try:
-            os.dup2(self._out.fileno(), 1)
-            os.dup2(self._err.fileno(), 2)
-            sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - the child's stdout until os._exit
-            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-            os.environ.update({"CI": "true", "OMP_NUM_THREADS": "1", **(env or {})})
-            torch.set_num_threads(1)
-            if cwd is not None:
-                os.chdir(cwd)
-            sys.argv = ["distillctl", *self.args]
-            from distillctl.cli import main
-
-            try:
-                main()
-                code = 0
-            except SystemExit as stop:
-                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-        except BaseException:  # noqa: BLE001 - reported on the child's stderr, as an interpreter would
-            import traceback
-
-            traceback.print_exc()
-            code = 1
-        finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
 
     def poll(self):
         if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
+            self.returncode = self._proc.exitcode
         return self.returncode
 
     def wait(self, timeout=None):
-        import time
-
-        t0 = time.monotonic()
-        while self.poll() is None:
-            if timeout is not None and time.monotonic() - t0 > timeout:
-                self.kill()
-                raise TimeoutError(f"{self.args[:2]} still running after {timeout} s")
-            time.sleep(0.005)
+        self._proc.join(timeout)
+        if self.poll() is None:
+            self.kill()
+            raise TimeoutError(f"{self.args[:2]} still running after {timeout} s: {self.stderr_text[-2000:]}")
         return self.returncode
 
     def send_signal(self, sig) -> None:
@@ -135,16 +127,14 @@ class Forked:
             os.kill(self.pid, sig)
 
     def kill(self) -> None:
-        import signal
+        if self.poll() is None:
+            self._proc.kill()
+            self._proc.join()
+            self.poll()
 
-        self.send_signal(signal.SIGKILL)
-        if self.returncode is None:
-            os.waitpid(self.pid, 0)
-            self.returncode = -signal.SIGKILL
-
-    def _read(self, f) -> str:
-        f.seek(0)
-        return f.read().decode(errors="replace")
+    @staticmethod
+    def _read(path: Path) -> str:
+        return path.read_text(errors="replace") if path.is_file() else ""
 
     @property
     def stdout_text(self) -> str:
