@@ -9,6 +9,7 @@ import math
 import os
 import platform
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,19 +74,36 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+# the distributions that may provide each module (onnxruntime-gpu and the CUDA-specific TensorRT wheels
+# install the same import name)
+_DISTRIBUTIONS = {"timm": ("timm",), "onnx": ("onnx",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+                  "safetensors": ("safetensors",),
+                  "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11")}
+
+
+def _library_version(mod: str) -> Optional[str]:
+    """The version of ``mod``: its ``__version__`` when it is imported already, else its installed
+    distribution's (training records onnx's version without paying for importing it)."""
+    import importlib.metadata as md
+
+    loaded = sys.modules.get(mod)
+    if loaded is not None and getattr(loaded, "__version__", None):
+        return str(loaded.__version__)
+    for dist in _DISTRIBUTIONS.get(mod, (mod,)):
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return None
+
+
 def versions() -> dict:
     """Python, torch and the libraries an artifact depends on, plus CUDA/GPU when present."""
     out = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
-    for mod in ("timm", "onnx", "onnxruntime", "safetensors", "tensorrt"):
-        try:
-            if mod == "timm":
-                from .compat import import_timm
-
-                out[mod] = import_timm().__version__
-            else:
-                out[mod] = __import__(mod).__version__
-        except Exception:
-            pass
+    for mod in _DISTRIBUTIONS:
+        v = _library_version(mod)
+        if v is not None:
+            out[mod] = v
     from . import __version__
 
     out["distillctl"] = __version__

@@ -147,7 +147,7 @@ def _stage(run: Path, name: str) -> bool:
     return _manifest(run).get("stages", {}).get(name) == "running"
 
 
-RUN_TINY = TINY + ["--set", "teacher.train.epochs=3", "--set", "bench.iters=200", "--set", "bench.batch_sizes=[1,8]",
+RUN_TINY = TINY + ["--set", "teacher.train.epochs=3", "--set", "bench.iters=50", "--set", "bench.batch_sizes=[1,8]",
                    "--set", "export.formats=[safetensors,onnx]"]
 
 
@@ -278,24 +278,37 @@ def test_the_recipe_file_is_read_once_per_command(complete_run):
     assert reads == [Path(SMOKE).resolve()]  # teacher, distill, export, bench and card all used it in memory
 
 
-def test_training_and_export_do_not_import_each_other():
+def test_training_and_export_do_not_import_each_other_or_onnx_for_a_version():
     import subprocess
     import sys
 
     # one fresh interpreter for all four: before each import every distillctl module is dropped again, so each
     # list is what that module pulls in by itself (torch and timm stay loaded; they are not what is checked)
+    # first, the versions a manifest records: read from the installed distributions, not by importing them
     code = ("import importlib, json, sys\n"
+            "import distillctl.device\n"
+            "versions = [distillctl.device.versions(), [m for m in ('onnx', 'onnxruntime') if m in sys.modules]]\n"
             "out = {}\n"
             "for mod in sys.argv[1:]:\n"
             "    for name in [m for m in sys.modules if m == 'distillctl' or m.startswith('distillctl.')]:\n"
             "        del sys.modules[name]\n"
             "    importlib.import_module(mod)\n"
             "    out[mod] = sorted({m.split('.')[1] for m in sys.modules if m.startswith('distillctl.')})\n"
-            "print(json.dumps(out))\n")
+            "print(json.dumps([out, versions]))\n")
     rules = {"distillctl.train": "export", "distillctl.export.bench": "train", "distillctl.export": "train",
              "distillctl.export.card": "flows"}
     out = subprocess.run([sys.executable, "-c", code, *rules], capture_output=True, text=True, check=True).stdout
-    seen = json.loads(out)
+    seen, (recorded, imported) = json.loads(out)
+    import onnx
+    import onnxruntime
+
+    from distillctl.compat import import_timm
+
+    timm = import_timm()
+    assert imported == []  # a training run's manifest does not pay for importing the export libraries
+    assert (recorded["onnx"], recorded["onnxruntime"], recorded["timm"]) == (onnx.__version__, onnxruntime.__version__,
+                                                                            timm.__version__)
+    assert "tensorrt" not in recorded  # not installed here: absent, not guessed
     assert set(seen) == set(rules) and all(seen.values()), seen
     for mod, forbidden in rules.items():
         assert forbidden not in seen[mod], (mod, seen[mod])
