@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import json
 import os
 import re
@@ -35,7 +36,7 @@ from typing import Any, Iterator, Optional
 
 from .errors import BadInput
 from .files import (FILE_MODE, PENDING, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json_file,
-                    storage_error, written)
+                    storage_error)
 from .recipe import Recipe
 
 _HELD: dict[str, list] = {}  # run folders this process holds the lock of: resolved path -> [fd, depth]
@@ -130,10 +131,11 @@ def save_student_folder(folder: Path, model, config: dict) -> Path:
 
 
 def save_weights(path: Path, state: dict, metadata: Optional[dict] = None) -> None:
-    from safetensors.torch import save_file
+    """Serialized in memory, then written, flushed to disk and renamed into place (``atomic_write_bytes``): a
+    refused write reaches us as the OSError it is (exit 2), never as a library's message about it."""
+    from safetensors.torch import save
 
-    with written(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+    atomic_write_bytes(path, save(state, metadata=metadata))
 
 
 def load_student_folder(path: Path, device="cpu"):
@@ -596,8 +598,11 @@ class Run:
         import torch
 
         self._checkpoint = None
-        with written(self.checkpoint_file) as tmp:
-            torch.save(state, tmp)
+        # in memory first: torch.save writing to a file that cannot grow fails with whatever its zip writer
+        # makes of it ("unexpected pos 576 vs 534", "iostream error"), not with the OSError (exit 2)
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(self.checkpoint_file, buf.getbuffer())
 
     def load_checkpoint(self) -> dict:
         """The trainer state (read once; ``flows.prepare`` reads it before a resume touches the folder)."""

@@ -151,6 +151,50 @@ def test_full_disk_is_exit_2_and_leaves_nothing_behind(tmp_path, teacher_weights
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.parametrize("floats", [300_000, 524_000, 524_280, 600_000])
+def test_a_write_the_file_system_refuses_is_a_storage_error_at_any_size(tmp_path, floats):
+    """Near a 2 MiB limit torch.save's own writer fails in three ways ("iostream error", "unexpected pos ...",
+    RuntimeError either way): the checkpoint and weights writers must still say exit 2, keep the old file, and
+    leave no temporary. 300k floats fit: the files are written whole."""
+    import resource
+
+    from distillctl.files import StorageError
+    from distillctl.run import save_weights
+
+    run = _small_run(tmp_path)
+    run.save_checkpoint({"student": {}, "epoch": 0, "global_step": 0})
+    weights = tmp_path / "w.safetensors"
+    save_weights(weights, {"w": torch.zeros(1)})
+    before = (run.checkpoint_file.read_bytes(), weights.read_bytes())
+    state = {"w": torch.arange(floats, dtype=torch.float32)}
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, hard))
+    try:
+        outcomes = []
+        for write in (lambda: run.save_checkpoint({"student": state, "epoch": 1, "global_step": 1}),
+                      lambda: save_weights(weights, state)):
+            try:
+                write()
+                outcomes.append("written")
+            except StorageError as err:
+                assert err.exit_code == 2 and "File too large" in err.message, err.message
+                outcomes.append("refused")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    # 524k floats: the checkpoint (a zip) crosses the limit, the bare weights (2 096 000 bytes + header) do not
+    assert outcomes == {300_000: ["written"] * 2, 524_000: ["refused", "written"]}.get(floats, ["refused"] * 2)
+    from safetensors.torch import load_file
+
+    ckpt, w = run.checkpoint_file.read_bytes(), weights.read_bytes()
+    run._checkpoint = None
+    if outcomes[0] == "written":
+        assert torch.equal(run.load_checkpoint()["student"]["w"], state["w"])
+    else:
+        assert ckpt == before[0]  # the last good checkpoint, intact
+    assert torch.equal(load_file(str(weights))["w"], state["w"]) if outcomes[1] == "written" else w == before[1]
+    assert not _temps(tmp_path)
+
+
 def test_sigterm_during_export_is_130_with_the_document_and_no_temporaries(tmp_path, teacher_weights):
     run = tmp_path / "run"
     r = run_cli("distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--set", "data.synthetic_size=64",
@@ -184,8 +228,9 @@ def test_nan_before_any_checkpoint_says_so_and_amended_resume_recovers(tmp_path,
 
 def test_collapsed_student_exits_6_and_compare_flags_it(tmp_path):
     """A student that never learns (lr 1e-9) next to a teacher far above chance is a collapse, not a result."""
-    base = ["--set", "teacher.train.epochs=6", "--set", "teacher.train.lr=0.003", "--set", "train.lr=1e-9",
-            "--set", "train.epochs=1", "--set", "export.formats=[safetensors]", "--set", "bench.backends=[]"]
+    base = ["--set", "teacher.train.epochs=3", "--set", "teacher.train.lr=0.003", "--set", "train.lr=1e-9",
+            "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=3", "--set", "export.formats=[safetensors]",
+            "--set", "bench.backends=[]"]
     r = run_cli("run", SMOKE, *base, "--out", str(tmp_path / "run"), "--json", cwd=tmp_path)
     assert r.returncode == 6, r.stderr
     doc = json.loads(r.stdout)
