@@ -8,6 +8,7 @@ point in a subprocess.
 """
 import os
 import pickle
+import re
 import time
 
 import numpy as np
@@ -53,9 +54,11 @@ def _refused(fn, *args, match: str = "", max_len: int = 600, max_s: float = 10.0
 
 
 def _smoke_with_kwargs(block: str) -> str:
-    """ci_smoke.yaml with ``block`` (indented YAML lines) as the student's kwargs."""
-    return SMOKE.read_text().replace("student:\n  model: resnet10t",
-                                     "student:\n  model: resnet10t\n  kwargs:\n" + block)
+    """ci_smoke.yaml with ``block`` (indented YAML lines) as the student's kwargs (in place of its own)."""
+    text, n = re.subn(r"student:\n  model: resnet10t\n  kwargs: [^\n]*\n", "student:\n  model: resnet10t\n  kwargs:\n"
+                      + block.replace("\\", "\\\\"), SMOKE.read_text())
+    assert n == 1, "ci_smoke.yaml's student block changed"
+    return text
 
 
 # ----------------------------------------------------------------------------- parsing limits
