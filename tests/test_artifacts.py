@@ -40,7 +40,7 @@ data: {{dataset: imagefolder, root: {tmp / 'data'}, image_size: 32, batch_size: 
 student: {{model: test_resnet}}
 method: {{name: ce}}
 train: {{epochs: 3, lr: 0.05, log_every: 2}}
-export: {{formats: [safetensors, onnx], parity_images: 30}}
+export: {{formats: [safetensors, onnx], parity_images: 30, onnx_exporter: torchscript}}  # ~0.3 s, not ~3 s
 """)
     r = run_cli("train", str(recipe), "--out", str(tmp / "run"), cwd=tmp)
     assert r.returncode == 0, r.stderr
