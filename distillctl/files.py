@@ -17,7 +17,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from .errors import BadInput
 
@@ -42,7 +42,8 @@ def storage_error(path: Path, err: BaseException) -> StorageError:
     errno_ = getattr(err, "errno", None)
     why = os.strerror(errno_) if errno_ else " ".join(str(err).split())[:200]
     return StorageError(f"cannot write {path}: {why}. Nothing under its final name was changed; free space or fix "
-                        "the permissions, then continue with --resume (the last checkpoint is intact)")
+                        "the permissions, then run the command again (distill and run continue from their last "
+                        "checkpoint, which is intact, with --resume)")
 
 
 def temp_path(final: Path, suffix: str = ".tmp") -> Path:
@@ -95,6 +96,18 @@ def refused_write(err: BaseException) -> bool:
         return err.errno in DISK_ERRORS
     text = str(err)
     return isinstance(err, Exception) and ("I/O error" in text or "os error" in text or "write failed" in text)
+
+
+def disk_error_in(err: BaseException) -> Optional[OSError]:
+    """The OSError of a refused write (full disk, quota, read-only, permissions) that ``err`` is, or that caused
+    it somewhere along its chain (``raise ... from``, or raised while handling it); None if there is none."""
+    seen = set()
+    while err is not None and id(err) not in seen and len(seen) < 32:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DISK_ERRORS:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 @contextmanager

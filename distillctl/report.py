@@ -228,10 +228,16 @@ def execute(command: str, json_out: bool, fn: Callable[[], dict], human: Callabl
                 code, error = 2, "the input is nested too deeply to process; simplify it"
             except MemoryError:
                 code, error = 2, "the request needs more memory than this machine has; reduce its sizes"
-            except Exception as err:  # a bug: keep the traceback for the report
-                traceback.print_exc(file=sys.stderr)
-                code, error = 1, (f"internal error ({type(err).__name__}: {str(err)[:500]}); this is a bug in "
-                                  "distillctl, please report it with the traceback above")
+            except Exception as err:
+                from .files import disk_error_in, storage_error
+
+                disk = disk_error_in(err)
+                if disk is not None:  # a write the file system refused, wherever it surfaced: exit 2, not a bug
+                    code, error = 2, storage_error(disk.filename or "a file", disk).message
+                else:  # a bug: keep the traceback for the report
+                    traceback.print_exc(file=sys.stderr)
+                    code, error = 1, (f"internal error ({type(err).__name__}: {str(err)[:500]}); this is a bug in "
+                                      "distillctl, please report it with the traceback above")
             finally:
                 cleanup_temps()
     finally:

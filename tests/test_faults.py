@@ -195,6 +195,105 @@ def test_a_write_the_file_system_refuses_is_a_storage_error_at_any_size(tmp_path
     assert not _temps(tmp_path)
 
 
+@pytest.fixture(scope="module")
+def small_onnx(tmp_path_factory):
+    """A run with an untrained test_resnet and its FP32 ONNX file (1.5 MB), for the export-side write faults."""
+    try:
+        from exportkit import make_run, tiny_recipe, write_onnx
+    except ImportError:  # tests collected as a package
+        from tests.exportkit import make_run, tiny_recipe, write_onnx
+    run = make_run(tmp_path_factory.mktemp("small") / "run", tiny_recipe("test_resnet", onnx_exporter="torchscript"))
+    return run, write_onnx(run)
+
+
+class _FileSizeLimit:
+    """RLIMIT_FSIZE for this process (the kernel's EFBIG, as a full disk gives ENOSPC) inside the block."""
+
+    def __init__(self, limit: int):
+        import resource
+
+        self.resource, self.limit = resource, limit
+
+    def __enter__(self):
+        self.old = self.resource.getrlimit(self.resource.RLIMIT_FSIZE)
+        self.resource.setrlimit(self.resource.RLIMIT_FSIZE, (self.limit, self.old[1]))
+
+    def __exit__(self, *exc):
+        self.resource.setrlimit(self.resource.RLIMIT_FSIZE, self.old)
+
+
+def test_onnx_export_to_a_full_disk_is_exit_2_at_once_not_an_exporter_failure(small_onnx, tmp_path):
+    """The exporters reported a refused write as their own failure: the next exporter was tried on the same
+    full disk, and the command ended 5 ("failed with every exporter") instead of 2 ("cannot write")."""
+    import shutil
+
+    from distillctl.export import export_run
+    from distillctl.files import StorageError
+    from distillctl.run import Run
+
+    run = shutil.copytree(small_onnx[0], tmp_path / "run", ignore=shutil.ignore_patterns("export", "export.json"))
+    with _FileSizeLimit(1 << 20), pytest.raises(StorageError) as info:
+        export_run(Run.open(run), ["onnx"], device="cpu")
+    assert info.value.exit_code == 2 and "File too large" in info.value.message
+    assert "every exporter" not in info.value.message
+    assert not (run / "export" / "model.onnx").exists() and not _temps(run)
+    res = export_run(Run.open(run), ["onnx"], device="cpu")  # room again: the same command succeeds
+    assert res["status"] == "ok" and (run / "export" / "model.onnx").is_file()
+
+
+def test_int8_work_files_refused_or_short_of_room_are_exit_2(small_onnx, monkeypatch):
+    """ONNX Runtime's quantizer writes some work files without checking: a full disk surfaced as exit 5
+    "DecodeError: ... Wire format was corrupt". A refused write is exit 2; too little room is refused first."""
+    import numpy as np
+
+    from distillctl.export import int8
+    from distillctl.files import StorageError
+
+    src = small_onnx[1]
+    dest = src.with_name("model.int8.onnx")
+    x = [np.random.default_rng(0).standard_normal((16, 3, 32, 32), dtype=np.float32) for _ in range(2)]
+    # 1.5 MB: the FP32 source (1.496 MB) is there already; the quantizer's shape-inferred copy is larger
+    with _FileSizeLimit(1_500_000), pytest.raises(StorageError) as info:
+        int8.quantize_int8(src, dest, iter(x), count=32)
+    assert info.value.exit_code == 2 and "File too large" in info.value.message
+    monkeypatch.setattr(int8, "WORK_SPACE_FACTOR", 1e9)  # "needs" 1.5 PB: more than any disk here has free
+    with pytest.raises(StorageError) as info:
+        int8.quantize_int8(src, dest, iter(x), count=32)
+    assert "not enough free space" in info.value.message and "1e+09x the FP32 file" in info.value.message
+    assert not dest.exists() and not [f for f in os.listdir(dest.parent) if f.startswith(".int8-")]
+    monkeypatch.undo()
+    assert int8.quantize_int8(src, dest, iter(x), count=32)["count"] == 32 and dest.is_file()
+
+
+def test_a_refused_write_anywhere_is_exit_2_not_a_bug(capsys):
+    """Whatever library wraps it, an OSError of a refused write in the chain of an unexpected exception is a
+    storage error (exit 2, "cannot write"), not "internal error ... this is a bug" (exit 1)."""
+    import errno
+
+    import typer
+
+    from distillctl import report
+
+    def fn():
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/runs/x/bench.png")
+        except OSError as err:
+            raise RuntimeError("savefig failed") from err
+
+    with pytest.raises(typer.Exit) as info:
+        report.execute("bench", True, fn)
+    doc = json.loads(capsys.readouterr().out)
+    assert info.value.exit_code == 2 and doc["exit_code"] == 2
+    assert doc["error"].startswith("cannot write /data/runs/x/bench.png: No space left on device")
+
+    def bug():
+        raise RuntimeError("a real bug")
+
+    with pytest.raises(typer.Exit) as info:
+        report.execute("bench", True, bug)
+    assert info.value.exit_code == 1 and "this is a bug" in json.loads(capsys.readouterr().out)["error"]
+
+
 def test_sigterm_during_export_is_130_with_the_document_and_no_temporaries(tmp_path, teacher_weights):
     run = tmp_path / "run"
     r = run_cli("distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--set", "data.synthetic_size=64",
