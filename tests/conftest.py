@@ -18,12 +18,12 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
-# The files that take most of the suite's time, longest first (seconds of one worker, 2026-12-04: 26, 25,
-# 25, 18, 22, 8, 8, 7, 6, 4). xdist's loadfile hands files out in collection order as workers free up, so the
-# long ones go first and the short ones fill in at the end (with its default order, by number of tests, one
-# worker was still busy 6 s after the other had finished). test_export comes after test_cli: it reuses the
-# student test_int8 trains (exportkit.shared_cache), which is ready by then, instead of waiting for it on the
-# other worker.
+# The files that take most of the suite's time, long ones first (seconds of one worker, 2026-12-04, in this
+# order: 26, 12, 16, 16, 23, 9, 6, 5, 5, 5). xdist's loadfile hands files out in collection order as workers
+# free up, so the long ones go first and the short ones fill in at the end (with its default order, by
+# number of tests, one worker was still busy 6 s after the other had finished; in this order they end within
+# a second). test_export comes after test_cli: it reuses the student test_int8 trains in its first 17 s
+# (exportkit.shared_cache), which is ready by then, instead of waiting for it on the other worker.
 LONGEST_FIRST = ("test_int8.py", "test_faults.py", "test_run_folder.py", "test_cli.py", "test_export.py",
                  "test_fp16.py", "test_tracking.py", "test_artifacts.py", "test_bench.py", "test_evaluate.py")
 
