@@ -79,7 +79,13 @@ def commit(tmp: Path, final: Path) -> None:
 
 
 def discard(tmp: Path) -> None:
-    Path(tmp).unlink(missing_ok=True)
+    """Remove a temporary, best effort: on a read-only or failing file system even the unlink of a file that
+    was never created fails (EROFS), and that must not replace the error being reported; a temporary left
+    behind is removed by the next writer of the folder."""
+    try:
+        Path(tmp).unlink(missing_ok=True)
+    except OSError:
+        pass
     PENDING.discard(Path(tmp))
 
 

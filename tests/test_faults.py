@@ -294,6 +294,31 @@ def test_a_refused_write_anywhere_is_exit_2_not_a_bug(capsys):
     assert info.value.exit_code == 1 and "this is a bug" in json.loads(capsys.readouterr().out)["error"]
 
 
+def test_a_temporary_that_cannot_be_removed_never_replaces_the_error(tmp_path, capsys):
+    """On a read-only file system even unlinking a temporary that was never created fails (EROFS): the
+    cleanup after a refused write raised, and the command ended 1 with a traceback instead of exit 2. Here the
+    unlink fails with ENOTDIR (the temporary's folder is a file), which an unprivileged test can provoke."""
+    import errno
+
+    import typer
+
+    from distillctl import report
+    from distillctl.files import storage_error, track
+
+    blocker = tmp_path / "export"
+    blocker.write_text("a file where a folder should be")
+
+    def fn():
+        track(blocker / ".model.onnx.tmp")  # as temp_path registers a writer's temporary
+        raise storage_error(blocker / "model.onnx", OSError(errno.EROFS, os.strerror(errno.EROFS)))
+
+    with pytest.raises(typer.Exit) as info:
+        report.execute("export", True, fn)
+    doc = json.loads(capsys.readouterr().out)
+    assert info.value.exit_code == 2 and doc["exit_code"] == 2 and "Read-only file system" in doc["error"]
+    assert blocker.read_text() == "a file where a folder should be"
+
+
 def test_sigterm_during_export_is_130_with_the_document_and_no_temporaries(tmp_path, teacher_weights):
     run = tmp_path / "run"
     r = run_cli("distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--set", "data.synthetic_size=64",
