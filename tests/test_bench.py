@@ -57,6 +57,16 @@ def test_latency_document_shape(bench):
     assert bench["settings"]["min_warmup_s"] == 0.02  # the recipe's bench.warmup_s
 
 
+def test_the_table_names_the_thread_count_in_words(bench, capsys):
+    from distillctl.export.bench import print_table
+
+    print_table(bench)  # measured with threads=1
+    err = capsys.readouterr().err
+    assert "(1 thread)" in err and "1 threads" not in err and "onnxruntime" in err
+    print_table({**bench, "device": {**bench["device"], "threads": 2}})
+    assert "(2 threads)" in capsys.readouterr().err
+
+
 def test_warmup_s_is_honoured():
     """bench.warmup_s is the least warm-up time per backend: calls keep coming until it has passed."""
     from distillctl.export import bench as bench_mod

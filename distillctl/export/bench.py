@@ -352,7 +352,8 @@ def print_table(result: dict) -> None:
     from rich.table import Table
 
     dev = result["device"]
-    where = dev.get("gpu") or f"{dev['cpu']} ({dev['threads']} threads)"
+    n = dev["threads"]
+    where = dev.get("gpu") or f"{dev['cpu']} ({n} thread{'' if n == 1 else 's'})"
     table = Table(title=f"latency on {where}", title_justify="left")
     for col in ("format", "runtime", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "img/s", "x torch"):
         table.add_column(col, justify="left" if col in ("format", "runtime") else "right", no_wrap=True)
