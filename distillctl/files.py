@@ -116,6 +116,13 @@ def disk_error_in(err: BaseException) -> Optional[OSError]:
     return None
 
 
+def raise_if_refused(final: Path, err: BaseException) -> None:
+    """Raise the StorageError for ``final`` (exit 2) when ``err`` is, wraps or was caused by a refused write."""
+    disk = disk_error_in(err)
+    if disk is not None or refused_write(err):
+        raise storage_error(final, disk or err) from None
+
+
 @contextmanager
 def written(final: Path) -> Iterator[Path]:
     """A temporary path to write ``final`` through: renamed into place when the block succeeds; removed,
@@ -125,8 +132,7 @@ def written(final: Path) -> Iterator[Path]:
         yield tmp
     except BaseException as err:
         discard(tmp)
-        if refused_write(err):
-            raise storage_error(final, err) from None
+        raise_if_refused(final, err)
         raise
     try:
         commit(tmp, final)

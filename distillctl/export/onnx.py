@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ..errors import BadInput, ExportFailed
-from ..files import commit, discard, disk_error_in, refused_write, storage_error, temp_path, track
+from ..files import commit, discard, raise_if_refused, temp_path, track
 from .runtime import INPUT_NAME, OUTPUT_NAME
 
 TORCHSCRIPT_MAX_OPSET = 20  # the legacy exporter's ceiling (torch 2.x)
@@ -113,8 +113,7 @@ def export_onnx(model: torch.nn.Module, dest: Path, *, image_size: int, metadata
             break
         except Exception as err:
             _remove(tmp)
-            if refused_write(err) or disk_error_in(err):  # no other exporter can write to a full disk
-                raise storage_error(dest, disk_error_in(err) or err) from None
+            raise_if_refused(dest, err)  # no other exporter can write to a full disk
             failures.append({"exporter": kind, "error": f"{type(err).__name__}: {str(err).strip()[:800]}"})
             print(f"note: the {kind} ONNX exporter failed ({type(err).__name__}); "
                   + ("trying the next one" if kind != exporters[-1] else "no exporter left"), file=sys.stderr)
@@ -196,8 +195,7 @@ def write_temp(proto, dest: Path) -> Path:
         onnx.save_model(proto, str(tmp), save_as_external_data=False)
     except Exception as err:
         discard(tmp)
-        if refused_write(err) or disk_error_in(err):
-            raise storage_error(dest, disk_error_in(err) or err) from None
+        raise_if_refused(dest, err)
         raise
     return tmp
 
