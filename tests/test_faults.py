@@ -284,7 +284,8 @@ def test_a_refused_write_anywhere_is_exit_2_not_a_bug(capsys):
         report.execute("bench", True, fn)
     doc = json.loads(capsys.readouterr().out)
     assert info.value.exit_code == 2 and doc["exit_code"] == 2
-    assert doc["error"].startswith("cannot write /data/runs/x/bench.png: No space left on device")
+    assert doc["error"].startswith("the file system refused /data/runs/x/bench.png: No space left on device")
+    assert "--resume" in doc["error"] and "bug" not in doc["error"]
 
     def bug():
         raise RuntimeError("a real bug")
