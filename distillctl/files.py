@@ -37,11 +37,11 @@ class StorageError(BadInput):
     """The file system refused a write (full disk, file-size limit, read-only, permissions)."""
 
 
-def storage_error(path: Path, err: BaseException) -> StorageError:
+def storage_error(path: Path, err: BaseException, lead: str = "cannot write") -> StorageError:
     """The user-facing error for a refused write; ``err`` is the OSError, or a library's wrapper of one."""
     errno_ = getattr(err, "errno", None)
     why = os.strerror(errno_) if errno_ else " ".join(str(err).split())[:200]
-    return StorageError(f"cannot write {path}: {why}. Nothing under its final name was changed; free space or fix "
+    return StorageError(f"{lead} {path}: {why}. Nothing under its final name was changed; free space or fix "
                         "the permissions, then run the command again (distill and run continue from their last "
                         "checkpoint, which is intact, with --resume)")
 

@@ -229,14 +229,12 @@ def execute(command: str, json_out: bool, fn: Callable[[], dict], human: Callabl
             except MemoryError:
                 code, error = 2, "the request needs more memory than this machine has; reduce its sizes"
             except Exception as err:
-                from .files import disk_error_in
+                from .files import disk_error_in, storage_error
 
                 disk = disk_error_in(err)
                 if disk is not None:  # the file system refused us, wherever it surfaced: exit 2, not a bug
-                    code, error = 2, (f"the file system refused {disk.filename or 'a file'}: {disk.strerror}. Every "
-                                      "write is atomic, so nothing under a final name was changed; free space or fix "
-                                      "the permissions, then run the command again (distill and run continue from "
-                                      "their last checkpoint with --resume)")
+                    code, error = 2, storage_error(disk.filename or "a file", disk,
+                                                   lead="the file system refused").message
                 else:  # a bug: keep the traceback for the report
                     traceback.print_exc(file=sys.stderr)
                     code, error = 1, (f"internal error ({type(err).__name__}: {str(err)[:500]}); this is a bug in "

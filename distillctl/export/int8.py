@@ -43,8 +43,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import inspect
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -56,7 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput, ExportFailed, MissingCapability
-from ..files import StorageError, disk_error_in
+from ..files import StorageError, raise_if_refused, storage_error
 
 METHODS = ("minmax", "entropy", "percentile")
 TARGETS = ("onnxruntime", "tensorrt")
@@ -264,30 +266,21 @@ def _file_size_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
-def _space_error(folder: Path, src_bytes: int, err: BaseException | None = None) -> StorageError | None:
-    """A StorageError when ``folder``'s file system lacks the room for the quantizer's work files (or ``err``
-    is a refused write), else None."""
+def _room_error(folder: Path, src_bytes: int) -> StorageError | None:
+    """A StorageError when the quantizer's work files cannot fit before it starts: a file-size limit below the
+    largest of them, or less free space in ``folder`` than all of them take; else None."""
     limit = _file_size_limit()
     if limit is not None and limit < WORK_FILE_FACTOR * src_bytes:  # ONNX Runtime ignores some refused writes
         return StorageError(f"the file-size limit of this process (ulimit -f, {limit / 2 ** 20:.1f} MB) is below the "
                             f"size of ONNX Runtime's INT8 work files (about {WORK_FILE_FACTOR:g}x the "
                             f"{src_bytes / 2 ** 20:.1f} MB FP32 file). Nothing under a final name was changed; raise "
                             "the limit, then run the command again")
-    free = shutil.disk_usage(folder).free
-    need = int(WORK_SPACE_FACTOR * src_bytes)
-    disk = disk_error_in(err) if err is not None else None
-    # after a failure the half-written work files still take their room: less than the model's size left means
-    # the write ran out of space, whatever the library made of it
-    if disk is None and free >= (src_bytes if err is not None else need):
+    free, need = shutil.disk_usage(folder).free, int(WORK_SPACE_FACTOR * src_bytes)
+    if free >= need:
         return None
-    if disk is not None:
-        what = f"the file system refused a write of ONNX Runtime's INT8 work files in {folder} ({disk.strerror})"
-    else:
-        what = (f"not enough free space in {folder} for INT8 quantization: ONNX Runtime's work files need about "
-                f"{need / 2 ** 20:.0f} MB ({WORK_SPACE_FACTOR:g}x the FP32 file), {free / 2 ** 20:.0f} MB "
-                f"{'is' if err is None else 'was left'} free")
-    return StorageError(f"{what}. Nothing under a final name was changed; free space (or fix the limit), then run "
-                        "the command again")
+    return StorageError(f"not enough free space in {folder} for INT8 quantization: ONNX Runtime's work files need "
+                        f"about {need / 2 ** 20:.0f} MB ({WORK_SPACE_FACTOR:g}x the FP32 file), {free / 2 ** 20:.0f} "
+                        "MB is free. Nothing under a final name was changed; free space, then run the command again")
 
 
 def quantize_int8(src: Path, dest: Path, calibration: Iterable[np.ndarray], *, method: str = "minmax",
@@ -327,7 +320,7 @@ def quantize_int8(src: Path, dest: Path, calibration: Iterable[np.ndarray], *, m
     del fp32
     reader = _Calibration(calibration, input_name, chw, s.count)
     src_bytes = src.stat().st_size
-    short = _space_error(dest.parent, src_bytes)
+    short = _room_error(dest.parent, src_bytes)
     if short is not None:
         raise short
 
@@ -355,9 +348,9 @@ def quantize_int8(src: Path, dest: Path, calibration: Iterable[np.ndarray], *, m
         except BadInput:
             raise  # a malformed batch met while calibrating
         except Exception as err:
-            short = _space_error(dest.parent, src_bytes, err)
-            if short is not None:
-                raise short from None
+            raise_if_refused(Path(work), err)
+            if shutil.disk_usage(dest.parent).free < src_bytes:  # the disk filled up, whatever the library says
+                raise storage_error(Path(work), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from None
             raise ExportFailed(f"ONNX Runtime's static quantization of {src.name} failed: "
                                f"{type(err).__name__}: {str(err).strip()[:500]}") from None
     calib = {"calibration_method": s.method, "calibration_count": reader.seen,
