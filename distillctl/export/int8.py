@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput, ExportFailed, MissingCapability
-from ..files import StorageError, raise_if_refused, storage_error
+from ..files import StorageError, discard, raise_if_refused, storage_error, track
 
 METHODS = ("minmax", "entropy", "percentile")
 TARGETS = ("onnxruntime", "tensorrt")
@@ -329,6 +329,9 @@ def quantize_int8(src: Path, dest: Path, calibration: Iterable[np.ndarray], *, m
         work = Path(work)
         pre_error = _preprocess(src, work / "preprocessed.onnx")
         model = work / "preprocessed.onnx" if pre_error is None else src
+        # ONNX Runtime writes its shape-inferred copy beside the model it reads: beside the FP32 source itself
+        # when preprocessing failed. It is removed below, or when the command ends if the process is stopped.
+        inferred = track(model.with_name(f"{model.stem}-inferred{model.suffix}"))
         try:
             op_types = quantizable_op_types(keep_float)
             calib_method, ranges = _calibrate(model, reader, s, op_types, work)
@@ -353,6 +356,8 @@ def quantize_int8(src: Path, dest: Path, calibration: Iterable[np.ndarray], *, m
                 raise storage_error(Path(work), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from None
             raise ExportFailed(f"ONNX Runtime's static quantization of {src.name} failed: "
                                f"{type(err).__name__}: {str(err).strip()[:500]}") from None
+        finally:
+            discard(inferred)
     calib = {"calibration_method": s.method, "calibration_count": reader.seen,
              "calibration_per_channel": str(s.per_channel).lower(), "int8_target": s.target}
     if s.method == "percentile":
