@@ -2,6 +2,7 @@
 export, NaN before any checkpoint, planted symlinks, torn metrics lines, unusable --out folders."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -35,6 +36,20 @@ def _kill_when(p, pred, timeout=240, poll=0.001, sig=signal.SIGKILL, wait=True):
         time.sleep(poll)
     p.kill()
     return False
+
+
+@contextlib.contextmanager
+def _file_size_limit(limit: int):
+    """RLIMIT_FSIZE for this process inside the block: the kernel's EFBIG, as a full disk gives ENOSPC. Python
+    ignores SIGXFSZ, so a write past the limit fails with an OSError instead of killing the process."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def _rows(run: Path) -> list[dict]:
@@ -131,16 +146,8 @@ def test_full_disk_is_exit_2_and_leaves_nothing_behind(tmp_path, teacher_weights
     run = tmp_path / "run"
     args = ["distill", SMOKE, "--set", f"teacher.weights={teacher_weights}", "--set", "train.epochs=2",
             "--out", str(run), "--json"]
-    import resource
-
-    # 2 MiB per file for this process (the kernel's EFBIG, as on a full disk): the weights cannot be written.
-    # Python ignores SIGXFSZ, so the write fails with an OSError instead of killing the process.
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, hard))
-    try:
+    with _file_size_limit(2 << 20):  # 2 MiB per file: the weights cannot be written
         r = run_cli(*args, cwd=tmp_path)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert r.returncode == 2, r.stderr[-2000:]
     doc = json.loads(r.stdout)
     assert "cannot write" in doc["error"] and "File too large" in doc["error"] and "--resume" in doc["error"]
@@ -156,8 +163,6 @@ def test_a_write_the_file_system_refuses_is_a_storage_error_at_any_size(tmp_path
     """Near a 2 MiB limit torch.save's own writer fails in three ways ("iostream error", "unexpected pos ...",
     RuntimeError either way): the checkpoint and weights writers must still say exit 2, keep the old file, and
     leave no temporary. 300k floats fit: the files are written whole."""
-    import resource
-
     from distillctl.files import StorageError
     from distillctl.run import save_weights
 
@@ -167,10 +172,8 @@ def test_a_write_the_file_system_refuses_is_a_storage_error_at_any_size(tmp_path
     save_weights(weights, {"w": torch.zeros(1)})
     before = (run.checkpoint_file.read_bytes(), weights.read_bytes())
     state = {"w": torch.arange(floats, dtype=torch.float32)}
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, hard))
-    try:
-        outcomes = []
+    outcomes = []
+    with _file_size_limit(2 << 20):
         for write in (lambda: run.save_checkpoint({"student": state, "epoch": 1, "global_step": 1}),
                       lambda: save_weights(weights, state)):
             try:
@@ -179,8 +182,6 @@ def test_a_write_the_file_system_refuses_is_a_storage_error_at_any_size(tmp_path
             except StorageError as err:
                 assert err.exit_code == 2 and "File too large" in err.message, err.message
                 outcomes.append("refused")
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     # 524k floats: the checkpoint (a zip) crosses the limit, the bare weights (2 096 000 bytes + header) do not
     assert outcomes == {300_000: ["written"] * 2, 524_000: ["refused", "written"]}.get(floats, ["refused"] * 2)
     from safetensors.torch import load_file
@@ -206,22 +207,6 @@ def small_onnx(tmp_path_factory):
     return run, write_onnx(run)
 
 
-class _FileSizeLimit:
-    """RLIMIT_FSIZE for this process (the kernel's EFBIG, as a full disk gives ENOSPC) inside the block."""
-
-    def __init__(self, limit: int):
-        import resource
-
-        self.resource, self.limit = resource, limit
-
-    def __enter__(self):
-        self.old = self.resource.getrlimit(self.resource.RLIMIT_FSIZE)
-        self.resource.setrlimit(self.resource.RLIMIT_FSIZE, (self.limit, self.old[1]))
-
-    def __exit__(self, *exc):
-        self.resource.setrlimit(self.resource.RLIMIT_FSIZE, self.old)
-
-
 def test_onnx_export_to_a_full_disk_is_exit_2_at_once_not_an_exporter_failure(small_onnx, tmp_path):
     """The exporters reported a refused write as their own failure: the next exporter was tried on the same
     full disk, and the command ended 5 ("failed with every exporter") instead of 2 ("cannot write")."""
@@ -232,7 +217,7 @@ def test_onnx_export_to_a_full_disk_is_exit_2_at_once_not_an_exporter_failure(sm
     from distillctl.run import Run
 
     run = shutil.copytree(small_onnx[0], tmp_path / "run", ignore=shutil.ignore_patterns("export", "export.json"))
-    with _FileSizeLimit(1 << 20), pytest.raises(StorageError) as info:
+    with _file_size_limit(1 << 20), pytest.raises(StorageError) as info:
         export_run(Run.open(run), ["onnx"], device="cpu")
     assert info.value.exit_code == 2 and "File too large" in info.value.message
     assert "every exporter" not in info.value.message
@@ -254,11 +239,11 @@ def test_int8_work_files_refused_or_short_of_room_are_exit_2(small_onnx, monkeyp
     x = [np.random.default_rng(0).standard_normal((16, 3, 32, 32), dtype=np.float32) for _ in range(2)]
     # a file-size limit below the work files' size (the FP32 source, 1.496 MB, is there already): ONNX Runtime
     # ignores some of the refused writes (then "DecodeError"), so it is refused before the quantizer starts
-    with _FileSizeLimit(1_000_000), pytest.raises(StorageError) as info:
+    with _file_size_limit(1_000_000), pytest.raises(StorageError) as info:
         int8.quantize_int8(src, dest, iter(x), count=32)
     assert info.value.exit_code == 2 and "file-size limit of this process (ulimit -f, 1.0 MB)" in info.value.message
     monkeypatch.setattr(int8, "WORK_FILE_FACTOR", 0.0)  # no early check: the refused write itself is caught
-    with _FileSizeLimit(1_500_000), pytest.raises(StorageError) as info:
+    with _file_size_limit(1_500_000), pytest.raises(StorageError) as info:
         int8.quantize_int8(src, dest, iter(x), count=32)
     assert info.value.exit_code == 2 and "File too large" in info.value.message
     # preprocessing failed there, so ONNX Runtime wrote its shape-inferred copy beside the source: removed
